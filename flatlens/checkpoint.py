@@ -1,0 +1,201 @@
+"""Self-describing checkpoints: atomic writes, safe reads, and rebuilding a run from one file.
+
+A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, so it is read with
+``torch.load(..., weights_only=True)``: a checkpoint is data, never code. Keys:
+
+=====================  ==========================================================================
+``format``             ``"flatlens-checkpoint"`` (anything else is a foreign file)
+``format_version``     integer schema version (:data:`FORMAT_VERSION`)
+``flatlens_version``   version that wrote it
+``kind``               ``init`` (step 0) | ``last`` (resumable) | ``selected`` (model.pt) | ``step``
+``step``               completed updates
+``config``             the resolved config as a nested dict
+``model``              model ``state_dict`` (quantizer step sizes and ``enabled`` flags included)
+``quantized``          whether quantization was on at this step
+``metrics``            the results record of this step (``{}`` for init)
+``data``               ``{"dataset": fingerprint, "splits": fingerprint}`` to verify a rebuild
+``selection``          selection method, step and score (model.pt)
+``train_state``        ``last`` only: algorithm (optimizer, scheduler), RNG states, records, selection
+=====================  ==========================================================================
+
+Writes go to a temporary file in the same directory, are fsynced, and renamed over the target, so a
+reader (or a run killed mid-write) never sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flatlens import __version__
+from flatlens.config import Config, config_from_dict
+from flatlens.data.base import MultiDomainDataset
+from flatlens.data.splits import Splits
+from flatlens.errors import CheckpointError, ConfigError, DataError
+
+FORMAT = "flatlens-checkpoint"
+FORMAT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync, and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically, adding the format header."""
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "flatlens_version": __version__, **payload}
+    atomic_write_bytes(Path(path), lambda f: torch.save(full, f))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a flatlens checkpoint safely (``weights_only=True``) and check its header."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p} (give the path of a .pt file written by `flatlens train`)")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"cannot read checkpoint {p}: not a torch checkpoint (not a torch.save zip archive); "
+                              "give a .pt file written by `flatlens train`")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"refusing to load {p}: it holds Python objects other than tensors and plain values, "
+                              "and checkpoints are loaded as data only (weights_only=True); it was not written by "
+                              "flatlens") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {p}: truncated or corrupted ({first.split('. ')[0][:100]}); "
+                              "use another checkpoint of the run (last.pt, model.pt)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{p} is not a flatlens checkpoint (no '{FORMAT}' header); "
+                              "flatlens reads the .pt files that `flatlens train` writes")
+    if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{p} has checkpoint format {ckpt['format_version']}, newer than this flatlens "
+                              f"({__version__}, format {FORMAT_VERSION}); upgrade flatlens")
+    return ckpt
+
+
+def config_of(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> Config:
+    try:
+        return config_from_dict(ckpt["config"], source=f"{path} config")
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{path} holds no usable config ({exc}); was it written by a newer flatlens?") from None
+
+
+@dataclass
+class Run:
+    """Everything a checkpoint rebuilds: model, config, data, splits, and what was stored with them."""
+
+    path: Path
+    config: Config
+    model: nn.Module
+    dataset: MultiDomainDataset | None
+    splits: Splits | None
+    step: int
+    kind: str
+    quantized: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+    flatlens_version: str = ""
+    checkpoint: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def split_data(self, split: str) -> list[tuple[int, torch.Tensor]]:
+        """(domain index, sample indices) pairs of a named evaluation split.
+
+        ``train`` = in splits of the training domains; ``source-val`` = their out splits;
+        ``target`` = in + out of the test domains; or any record key such as ``env2_out``.
+        """
+        if self.dataset is None or self.splits is None:
+            raise DataError("this Run was loaded with data=False; reload it with data=True")
+        s = self.splits
+        if split == "train":
+            return [(i, s.domains[i].in_idx) for i in s.train_envs]
+        if split in ("source-val", "source_val"):
+            return [(i, s.domains[i].out_idx) for i in s.train_envs]
+        if split == "target":
+            return [(i, torch.cat([s.domains[i].in_idx, s.domains[i].out_idx]).sort().values) for i in s.test_envs]
+        try:
+            return [s.indices(split)]
+        except DataError:
+            raise DataError(f"unknown split {split!r}; use train, source-val, target or one of "
+                            f"{', '.join(s.names())}") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: bool = True) -> Run:
+    """Rebuild model (quantizers included), config, dataset and the same splits from one checkpoint.
+
+    The model is returned in eval mode on ``device``. With ``data=True`` the dataset is rebuilt from
+    the stored config and checked against the fingerprints stored in the checkpoint, so the splits
+    are provably the ones the run trained and validated on.
+    """
+    from flatlens.data import build_dataset, make_splits
+    from flatlens.network import build_network
+
+    p = Path(path)
+    ckpt = read_checkpoint(p)
+    cfg = config_of(ckpt, p)
+    dataset = splits = None
+    if data:
+        dataset = build_dataset(cfg.data)
+        splits = make_splits(dataset, cfg.data.test_envs, cfg.data.holdout_fraction, cfg.train.trial_seed)
+        stored = ckpt.get("data", {})
+        if stored.get("dataset") and stored["dataset"] != dataset.fingerprint():
+            raise DataError(f"the data rebuilt for {p} differ from the data it was trained on "
+                            f"(dataset fingerprint {dataset.fingerprint()} != {stored['dataset']}); "
+                            "point data.root at the same files")
+        if stored.get("splits") and stored["splits"] != splits.fingerprint():
+            raise DataError(f"the splits rebuilt for {p} differ from the stored ones; was it written by another flatlens version?")
+        shape, n_classes = dataset.input_shape, dataset.num_classes
+    else:
+        shape, n_classes = tuple(ckpt["input_shape"]), int(ckpt["num_classes"])
+    model = build_network(cfg, shape, n_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{p}: stored weights do not fit the model its config builds ({str(exc).splitlines()[0]})") from None
+    model.to(device).eval()
+    return Run(path=p, config=cfg, model=model, dataset=dataset, splits=splits, step=int(ckpt.get("step", 0)),
+               kind=str(ckpt.get("kind", "")), quantized=bool(ckpt.get("quantized", False)),
+               metrics=dict(ckpt.get("metrics", {})), sha256=file_sha256(p),
+               flatlens_version=str(ckpt.get("flatlens_version", "")), checkpoint=ckpt)

@@ -1,0 +1,1 @@
+"""One module per ``flatlens`` subcommand; each defines ``add_parser(subparsers)``."""
