@@ -69,9 +69,32 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def to_plain(obj: Any) -> Any:
+    """``obj`` with only the types ``torch.load(weights_only=True)`` accepts: tensors, dict/list/tuple,
+    and plain str/int/float/bool/None (str subclasses such as ``torch.__version__`` and numpy scalars
+    are converted; anything else is a programming error, caught here rather than at load time)."""
+    if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (str, int, float, bool):
+        return obj
+    if isinstance(obj, dict):
+        return {to_plain(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj) if type(obj) in (list, tuple) else [to_plain(v) for v in obj]
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy scalar
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint (weights_only=True would refuse it)")
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint dict atomically, adding the format header."""
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "flatlens_version": __version__, **payload}
+    full = to_plain({"format": FORMAT, "format_version": FORMAT_VERSION, "flatlens_version": __version__, **payload})
     atomic_write_bytes(Path(path), lambda f: torch.save(full, f))
 
 

@@ -40,14 +40,13 @@ class Progress:
             self.log(f"{self.desc} {self.n}/{self.total} {extra}".strip())
 
     def log(self, message: str) -> None:
-        """Print a line (above the bar on a TTY) and append it to the log file."""
+        """Print a line (above the bar on a TTY) when enabled; always append it to the log file."""
         self._last_line = time.monotonic()
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(message)
-        else:
-            print(message, flush=True)
+        if self.enabled:
+            if self._bar is not None:
+                self._bar.write(message)
+            else:
+                print(message, flush=True)
         if self.log_file is not None:
             with open(self.log_file, "a", encoding="utf-8") as f:
                 f.write(message + "\n")

@@ -15,8 +15,11 @@ alone: every algorithm and every trial sees identical domains.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,15 +33,34 @@ COLOR_ENVIRONMENTS = (("+90%", 0.1), ("+80%", 0.2), ("-90%", 0.9))
 LABEL_NOISE = 0.25
 
 
+def _digits_csv() -> Path | None:
+    """The data file bundled in scikit-learn (found without importing sklearn, which takes ~1 s)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
+
+
 def _load_sklearn_digits() -> tuple[Tensor, Tensor]:
-    """(1797, 1, 8, 8) float images in [0, 1] and int64 labels, straight from scikit-learn."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
-        raise DataError("the digits datasets need scikit-learn: pip install scikit-learn") from exc
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    """(1797, 1, 8, 8) float images in [0, 1] and int64 labels, from scikit-learn's bundled file.
+
+    Reads the same ``digits.csv.gz`` that ``sklearn.datasets.load_digits`` reads (64 pixel columns
+    0..16, then the label); falls back to ``load_digits`` if the file moved in a future release.
+    """
+    path = _digits_csv()
+    if path is not None:
+        data = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        pixels, target = data[:, :-1], data[:, -1]
+    else:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
+            raise DataError("the digits datasets need scikit-learn: pip install scikit-learn") from exc
+        digits = load_digits()
+        pixels, target = digits.data.astype(np.float32), digits.target
+    images = torch.from_numpy(pixels.reshape(-1, 1, 8, 8).copy()) / 16.0
+    labels = torch.as_tensor(target, dtype=torch.int64)
     return images, labels
 
 
@@ -54,8 +76,9 @@ def rotate(images: Tensor, degrees: float) -> Tensor:
         return images.clone()
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)
-    # affine_grid maps output coords to input coords: rotate the sampling grid by -theta.
-    mat = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]], dtype=images.dtype)
+    # affine_grid maps output coords to input coords (y pointing down); this matrix gives the same
+    # counter-clockwise rotation as torchvision's rotate, which DomainBed's RotatedMNIST uses.
+    mat = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype)
     grid = F.affine_grid(mat.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_(0.0, 1.0)
 

@@ -142,6 +142,7 @@ class Trainer:
             self.dataset.domains = [d.to(ctx.device) for d in self.dataset.domains]  # type: ignore[attr-defined]
         torch.manual_seed(seed_hash(cfg.train.seed, "init"))
         self.model: nn.Module = build_network(cfg, self.dataset.input_shape, self.dataset.num_classes).to(ctx.device)
+        self.model.train()  # applies model.freeze_bn (BN layers stay in eval mode)
         self.hooks: list[TrainHook] = build_hooks(cfg, self.model)
         self.algorithm: Algorithm = build_algorithm(self.model, cfg, ctx)
         for hook in self.hooks:
@@ -199,7 +200,8 @@ class Trainer:
             save_checkpoint(self.rundir / "init.pt", self._payload("init", None))
         D.barrier(ctx)
         total = cfg.train.steps
-        progress = Progress(total, self.step, desc="train", enabled=self.verbose, log_file=self.rundir / "train.log")
+        progress = Progress(total, self.step, desc="train", enabled=self.verbose,
+                            log_file=self.rundir / "train.log" if ctx.is_main else None)
         if self.step == 0:
             self._say(f"training {run_label(cfg)} on {self.dataset.name} (target domains "
                       f"{[self.dataset.domain_names[t] for t in self.splits.test_envs]}) for {total} steps on "

@@ -134,18 +134,18 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
     import numpy
 
     info: dict[str, Any] = {
-        "flatlens": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": numpy.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "flatlens": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+        "numpy": str(numpy.__version__), "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "device": str(device), "world_size": world_size,
         "git_commit": git_commit(), "command": " ".join(sys.argv),
     }
     try:
         import torchvision
 
-        info["torchvision"] = torchvision.__version__
+        info["torchvision"] = str(torchvision.__version__)
     except Exception:  # noqa: BLE001 - torchvision is optional for digits runs
         info["torchvision"] = None
     if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
+        info["cuda"] = str(torch.version.cuda)
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -35,7 +35,10 @@ def resnet(arch: str, in_channels: int, pretrained: str = "") -> tuple[nn.Module
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} is not a state_dict of tensors")
         state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches raise even when strict=False
+            raise CheckpointError(f"{path} does not fit torchvision {arch}: {str(exc).splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise CheckpointError(f"{path} does not fit torchvision {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -1,0 +1,73 @@
+"""The command line: user errors are one line on stderr with exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import flatlens_cmd
+
+
+class Payload:
+    """A class instance: pickling it into a .pt makes a checkpoint that would import code on load."""
+
+
+def _one_line_error(proc, fragment):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--set", "train.stepz=3", "--out", "x"], "unknown config key 'train.stepz'; valid keys in [train]"),
+    (["train", "--set", "optim.lr=fast", "--out", "x"], "optim.lr expects float, got 'fast'"),
+    (["train", "--config", "nope.toml", "--out", "x"], "config file not found: nope.toml"),
+    (["train", "--set", "train.steps=2"], "--out is required"),
+    (["train", "--set", "data.dataset=PACS", "data.root=/nonexistent", "--out", "OUT"],
+     "PACS not found at /nonexistent/PACS"),
+    (["train", "--set", "data.test_envs=9", "--out", "OUT"], "data.test_envs [9] names no domain of rotated_digits"),
+    (["info", "missing.pt"], "checkpoint not found: missing.pt"),
+    (["collect", "EMPTY"], "no flatlens runs"),
+])
+def test_user_errors(tmp_path, args, fragment):
+    (tmp_path / "EMPTY").mkdir()
+    args = [a.replace("OUT", str(tmp_path / "out")).replace("EMPTY", str(tmp_path / "EMPTY")) for a in args]
+    _one_line_error(flatlens_cmd(*args, cwd=tmp_path), fragment)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_checkpoints(tmp_path):
+    import torch
+
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    _one_line_error(flatlens_cmd("info", str(tmp_path / "garbage.pt")), "not a torch checkpoint")
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    _one_line_error(flatlens_cmd("info", str(tmp_path / "foreign.pt")), "is not a flatlens checkpoint")
+
+    torch.save({"x": Payload()}, tmp_path / "code.pt")
+    _one_line_error(flatlens_cmd("info", str(tmp_path / "code.pt")), "refusing to load")
+
+
+def test_run_directory_protection_and_resume_config_check(tmp_path):
+    out = str(tmp_path / "run")
+    tiny = ["--quiet", "--set", "model.width=4", "train.batch_size=4", "train.steps=4", "train.eval_every=2"]
+    assert flatlens_cmd("train", *tiny, "--out", out).returncode == 0
+    _one_line_error(flatlens_cmd("train", *tiny, "--out", out), "already holds a finished run")
+    _one_line_error(flatlens_cmd("train", *tiny, "train.seed=1", "--out", out, "--resume"),
+                    "--resume with a different config than the run in")
+    (tmp_path / "run" / "done").unlink()
+    _one_line_error(flatlens_cmd("train", *tiny, "--out", out), "holds an unfinished run; pass --resume")
+    (tmp_path / "stranger").mkdir()
+    (tmp_path / "stranger" / "notes.txt").write_text("mine")
+    _one_line_error(flatlens_cmd("train", *tiny, "--out", str(tmp_path / "stranger")), "is not a flatlens run directory")
+    again = flatlens_cmd("train", *tiny, "--out", out, "--overwrite")
+    assert again.returncode == 0 and (tmp_path / "run" / "done").exists()
+    info = flatlens_cmd("info", str(tmp_path / "run" / "model.pt"))
+    assert info.returncode == 0 and "kind              selected" in info.stdout
+
+
+def test_show_and_help_config():
+    show = flatlens_cmd("train", "--set", "quant.bits=4", "--show")
+    assert show.returncode == 0 and "bits = 4" in show.stdout and "[quant]" in show.stdout
+    helped = flatlens_cmd("train", "--help-config")
+    assert helped.returncode == 0 and "quant.q_step" in helped.stdout and "train.selection" in helped.stdout
