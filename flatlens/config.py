@@ -409,3 +409,11 @@ def describe_options() -> list[tuple[str, str, str, str]]:
             rows.append((f"{section}.{f.name}", _type_name(types[f.name]),
                          _toml_value(getattr(default, f.name)), docs.get(f.name, "")))
     return rows
+
+
+def options_markdown() -> str:
+    """The config reference table of the README (kept in sync by a test)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, doc in describe_options():
+        lines.append(f"| `{key}` | {tp} | `{default}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)
