@@ -42,3 +42,13 @@ def erm_run(tmp_path_factory) -> Path:
                       ["train.steps=150", "train.eval_every=50", "train.keep_checkpoints=true"])
     train(cfg, out, verbose=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny 40-step ERM run (width-8 BN-CNN) for measurement tests."""
+    from flatlens.engine.loop import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_config(), out, verbose=False)
+    return out

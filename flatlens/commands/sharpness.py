@@ -1,0 +1,155 @@
+"""``flatlens sharpness CKPT``: measure the loss surface around a checkpoint into an HDF5 file.
+
+Common options choose the Objective (split, samples, parameter space and selection, seed, device);
+each registered measure adds its own options. For each measure the predicted cost is printed first,
+progress is shown while it runs, its results are written to the analysis file as soon as it finishes
+(one group per measure; other groups are untouched), and a summary table closes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from flatlens.measure.registry import builtin_measures
+
+    measures = builtin_measures()
+    p = sub.add_parser("sharpness", help="Hessian spectrum/trace, sharpness, landscapes of a checkpoint -> HDF5",
+                       description="Measure the loss surface around a checkpoint. Measures: " + ", ".join(measures),
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint written by flatlens train (e.g. runs/erm/model.pt)")
+    p.add_argument("--measures", default=",".join(list(measures)[:3]),
+                   help="comma-separated measures to run: " + ", ".join(measures))
+    add_objective_arguments(p)
+    p.add_argument("--out", help="analysis file (default: analysis.h5 next to the checkpoint)")
+    for m in measures.values():
+        m.add_arguments(p.add_argument_group(f"{m.name}: {m.help}"))
+    p.set_defaults(func=run)
+
+
+def add_objective_arguments(p: argparse.ArgumentParser) -> None:
+    from flatlens.measure.objective import SPLITS_HELP
+
+    g = p.add_argument_group("what is measured")
+    g.add_argument("--split", default="source-val", help=SPLITS_HELP)
+    g.add_argument("--samples", type=int, default=None, help="seeded random subset of this many samples (default: all)")
+    g.add_argument("--space", default="latent", choices=("latent", "dequant", "scales"),
+                   help="quantized models: latent weights through the quantizers (straight-through), a float "
+                        "copy of the quantized weights, or the step sizes")
+    g.add_argument("--include", default="weights",
+                   help="parameter groups: comma-separated of weights, biases, norm, scales, all")
+    g.add_argument("--params", default=None, help="regular expression on parameter names (overrides --include)")
+    g.add_argument("--exclude", default=None, help="regular expression of parameter names to leave out")
+    g.add_argument("--seed", type=int, default=0, help="base seed of the sample subset and of every random draw")
+    g.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    g.add_argument("--kernel", default="auto", choices=("auto", "graph_reuse", "double_backward", "forward_over_reverse"),
+                   help="HVP kernel (auto: time each on one batch and keep the fastest)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def build_objective(args: argparse.Namespace):
+    """Load the checkpoint and build the Objective the common options describe."""
+    import flatlens as fl
+    from flatlens import distributed as D
+    from flatlens.measure.objective import Objective
+
+    ctx = D.current()
+    device = D.resolve_device(args.device, ctx.local_rank)
+    run = fl.load_checkpoint(args.checkpoint, device=device)
+    include = tuple(x.strip() for x in args.include.split(",") if x.strip())
+    return Objective(run, split=args.split, samples=args.samples, space=args.space, include=include,
+                     select=args.params, exclude=args.exclude, seed=args.seed, batch_size=args.batch_size,
+                     kernel=args.kernel, device=device)
+
+
+def provenance(obj) -> dict:
+    run = obj.run
+    return {"checkpoint_sha256": run.sha256, "checkpoint": str(Path(run.path).resolve()),
+            "config": json.dumps(run.config.to_dict(), sort_keys=True), "checkpoint_step": run.step,
+            "checkpoint_kind": run.kind, "quantized": run.quantized}
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatlens import distributed as D
+    from flatlens import store
+    from flatlens.errors import FlatlensError
+    from flatlens.measure.registry import RunContext, builtin_measures
+    from flatlens.progress import Progress
+
+    measures = builtin_measures()
+    names = [m.strip() for m in args.measures.split(",") if m.strip()]
+    unknown = [m for m in names if m not in measures]
+    if unknown or not names:
+        raise FlatlensError(f"--measures {','.join(unknown) or '(empty)'} unknown; choose from {', '.join(measures)}")
+    ctx = D.setup(args.device)
+    try:
+        obj = build_objective(args)
+        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "analysis.h5"
+        if ctx.is_main:
+            store.ensure_file(out, provenance(obj))
+        say = print if ctx.is_main else (lambda *a, **k: None)
+        say(f"{obj.run.path}: {obj.space.numel:,} parameters in space '{obj.space.space}' "
+            f"({len(obj.space.names)} tensors), {obj.n_samples} samples of split '{obj.split}', on {obj.device}"
+            + (f" x{ctx.world_size}" if ctx.distributed else ""))
+        t0 = time.perf_counter()
+        loss, acc, se = obj.loss_and_accuracy()
+        t_forward = time.perf_counter() - t0
+        say(f"loss {loss:.6f} ± {se:.6f}, accuracy {acc:.4f}; one pass over the samples takes {t_forward:.3f} s")
+        rows: list[tuple[str, str, str]] = []
+        for name in names:
+            m = measures[name]
+            est = m.estimate(obj, args)
+            hvp_s = _hvp_seconds(obj, t_forward) if est.n_hvp else 0.0
+            eta = est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward
+            say(f"[{name}] predicted cost: {est.n_hvp} HVPs, {est.n_forward} forward passes"
+                + (f", {est.n_grad} gradients" if est.n_grad else "") + f" ≈ {_fmt_seconds(eta)}"
+                + (f" ({est.note})" if est.note else ""))
+            before = dict(obj.costs())
+            started = time.perf_counter()
+
+            def progress(total: int, desc: str = name) -> Progress:
+                return Progress(total, 0, desc=desc, enabled=ctx.is_main, every_seconds=15)
+
+            with obj.space.guard():
+                result = m.run(obj, args, RunContext(out=out, is_main=ctx.is_main, progress=progress, log=say))
+            costs = {k: obj.costs()[k] - before[k] for k in before}
+            costs["seconds"] = time.perf_counter() - started
+            if ctx.is_main and not result.written:
+                attrs = {"measure": name, **obj.describe(), **result.attrs, **{f"cost_{k}": v for k, v in costs.items()}}
+                store.write_group(out, result.group, result.datasets, attrs)
+            say(f"[{name}] done in {_fmt_seconds(costs['seconds'])} ({costs['n_hvp']} HVPs) -> {out}:/{result.group}")
+            rows += [(name, label, value) for label, value in result.summary]
+        if ctx.is_main:
+            _print_summary(rows)
+        obj.release()
+    finally:
+        D.teardown(ctx)
+    return 0
+
+
+def _hvp_seconds(obj, t_forward: float) -> float:
+    """Seconds per HVP: measured by the kernel selection when it ran, else ~2.5 forward+backward passes."""
+    eng = obj.hvp_engine
+    sel = getattr(eng, "selection", None)
+    if sel is not None and sel.seconds:
+        per_batch = sel.seconds[eng.kernel]
+        return per_batch * len(obj.batches)
+    return 3.0 * 2.5 * t_forward
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _print_summary(rows: list[tuple[str, str, str]]) -> None:
+    if not rows:
+        return
+    w1 = max(len(r[0]) for r in rows)
+    w2 = max(len(r[1]) for r in rows)
+    print("\nsummary")
+    for m, label, value in rows:
+        print(f"  {m:<{w1}}  {label:<{w2}}  {value}")

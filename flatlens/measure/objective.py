@@ -1,0 +1,301 @@
+"""Objective: the loss of a fixed model on fixed cached batches, as a function of a ParamSpace.
+
+This is the one object every measure asks questions of (DESIGN.md): Hessian spectra and traces,
+landscapes, sharpness and bounds all need ``loss``, ``loss_and_accuracy``, ``grad`` and ``hvp`` of
+the *same* function: the mean cross-entropy over a fixed set of samples, with the model in eval mode
+(BatchNorm uses its running statistics, dropout is off, quantizer state is frozen), as a function of
+the parameters a :class:`~flatlens.measure.params.ParamSpace` names.
+
+The evaluation samples (a split of a checkpoint's data, optionally a seeded subset of ``samples``) are
+loaded once, without augmentation, and cached as tensors on the device. Under torch.distributed each
+rank holds samples ``rank::world_size`` and every quantity is all-reduced, so results equal the
+one-process ones up to float summation order.
+
+Calls have no side effects: training flags, buffers, ``.grad``, ``requires_grad`` and the global RNG
+state are the same before and after (``ParamSpace.guard`` verifies the state hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flatlens import distributed as D
+from flatlens.errors import FlatlensError
+from flatlens.measure.hvp import HessianVectorProduct, make_loss_fn
+from flatlens.measure.params import ParamSpace, select_parameters
+from flatlens.seeding import generator
+
+SPLITS_HELP = "train (source in splits), source-val (source out splits), target (all of the target domains), env{i}_in/out"
+
+
+def _has_quantizers(model: nn.Module) -> bool:
+    from flatlens.quant import iter_quantizers
+
+    return any(True for _ in iter_quantizers(model))
+
+
+def _quantization_on(model: nn.Module) -> bool:
+    from flatlens.quant import is_quantization_enabled
+
+    return bool(is_quantization_enabled(model))
+
+
+class Objective:
+    """Model + cached evaluation batches + cross-entropy + parameter space.
+
+    Args:
+        source: a :class:`flatlens.checkpoint.Run` (from ``flatlens.load_checkpoint``) or an
+            ``nn.Module`` together with ``batches``.
+        split: which samples (``train``, ``source-val``, ``target`` or ``env{i}_{in,out}``).
+        samples: use a seeded random subset of this many samples (all when None).
+        space: ``latent`` | ``dequant`` | ``scales`` (see :mod:`flatlens.measure.params`).
+        include / select / exclude: the parameter selection (default: conv/linear weights; ``scales``
+            space defaults to the quantizers' step sizes).
+        seed: seeds the sample subset (and is recorded; measures take their own seeds).
+        batch_size: evaluation batch size (changes float summation order only).
+        batches: explicit ``[(x, y), ...]`` when ``source`` is a module.
+        kernel: HVP kernel (``auto`` measures and picks; see :mod:`flatlens.measure.hvp`).
+        device: where the model and batches live (default: the model's device).
+    """
+
+    def __init__(self, source: Any, split: str = "source-val", samples: int | None = None, space: str = "latent",
+                 include: Sequence[str] = ("weights",), select: str | None = None, exclude: str | None = None,
+                 seed: int = 0, batch_size: int = 256, batches: Sequence[tuple[Tensor, Tensor]] | None = None,
+                 kernel: str = "auto", device: str | torch.device | None = None) -> None:
+        from flatlens.checkpoint import Run
+
+        self.ctx = D.current()
+        self.run = source if isinstance(source, Run) else None
+        model = source.model if self.run is not None else source
+        if not isinstance(model, nn.Module):
+            raise FlatlensError("Objective needs a flatlens Run (fl.load_checkpoint) or an nn.Module with batches=")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = device
+        quantized_model = _has_quantizers(model)
+        if space in ("dequant", "scales") and not quantized_model:
+            raise FlatlensError(f"space {space!r} needs a quantized model, and this one has no quantizers; use space=latent")
+        if space == "dequant":
+            from flatlens.quant import dequantized_copy
+
+            model = dequantized_copy(model)
+        self.model = model.to(device)
+        if space == "scales" and tuple(include) == ("weights",) and select is None:
+            include = ("scales",)
+        self.space = ParamSpace(self.model, select_parameters(self.model, include, select, exclude), space)
+        self.selection = {"include": list(include), "select": select or "", "exclude": exclude or ""}
+        self.split = split
+        self.seed = seed
+        self.batch_size = batch_size
+        self.sample_ids: Tensor | None = None  # (n, 2): domain index, sample index
+        if batches is not None:
+            self.batches = [(x.to(device), y.to(device)) for x, y in batches]
+            self.split = split if split != "source-val" or self.run is not None else "custom"
+        elif self.run is not None:
+            self.batches = self._load_batches(samples)
+        else:
+            raise FlatlensError("Objective(model) needs batches=[(x, y), ...]; or pass a Run from fl.load_checkpoint")
+        self.n_local = sum(int(y.shape[0]) for _, y in self.batches)
+        self.n_samples = int(self._reduce(torch.tensor([float(self.n_local)], dtype=torch.float64))[0])
+        if self.n_samples == 0:
+            raise FlatlensError(f"split {split!r} holds no samples")
+        if space == "latent" and quantized_model and _quantization_on(self.model):
+            self.differentiated = "straight-through surrogate of the quantized model (latent weights)"
+        elif space == "dequant":
+            self.differentiated = "float copy holding the quantized weights w_q (quantizers off)"
+        elif space == "scales":
+            self.differentiated = "quantizer step sizes (straight-through surrogate)"
+        else:
+            self.differentiated = "float model"
+        self.kernel_name = kernel
+        self._hvp: HessianVectorProduct | None = None
+        self.n_forward = 0  # passes over the cached samples for loss values
+        self.n_grad = 0
+        self.n_hvp = 0
+        self.seconds = 0.0
+
+    # -- data ------------------------------------------------------------------------------------
+    def _load_batches(self, samples: int | None) -> list[tuple[Tensor, Tensor]]:
+        run = self.run
+        parts = run.split_data(self.split)
+        ids = torch.cat([torch.stack([torch.full_like(idx, env), idx], 1) for env, idx in parts])
+        if samples is not None:
+            if samples < 1:
+                raise FlatlensError(f"--samples must be >= 1, got {samples}")
+            if samples < len(ids):
+                pick = torch.randperm(len(ids), generator=generator(self.seed, "objective-samples", self.split))[:samples]
+                ids = ids[pick.sort().values]
+        self.sample_ids = ids
+        mine = ids[self.ctx.rank::self.ctx.world_size]
+        batches = []
+        for chunk in torch.split(mine, self.batch_size):
+            xs, ys = [], []
+            for env in chunk[:, 0].unique(sorted=True).tolist():
+                sel = chunk[chunk[:, 0] == env, 1]
+                x, y = run.dataset.domains[env].load(sel)
+                xs.append(x)
+                ys.append(y)
+            batches.append((torch.cat(xs).to(self.device), torch.cat(ys).to(self.device)))
+        return batches
+
+    def subset_sha256(self) -> str:
+        if self.sample_ids is None:
+            h = hashlib.sha256()
+            for x, y in self.batches:
+                h.update(x.detach().cpu().numpy().tobytes())
+                h.update(y.detach().cpu().numpy().tobytes())
+            return h.hexdigest()
+        return hashlib.sha256(self.sample_ids.numpy().astype("int64").tobytes()).hexdigest()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _reduce(self, t: Tensor) -> Tensor:
+        t = t.to(self.device)
+        D.all_reduce_sum(self.ctx, t)
+        return t.cpu()
+
+    @contextmanager
+    def _eval(self) -> Iterator[None]:
+        """Eval mode for the duration of a call; the caller's training flags come back afterwards."""
+        flags = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            for m, f in flags.items():
+                m.training = f
+            self.seconds += time.perf_counter() - t0
+
+    # -- values ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def loss_and_accuracy(self) -> tuple[float, float, float]:
+        """(mean loss, accuracy, standard error of the mean loss) at the current parameters.
+
+        The standard error is the sample standard deviation of the per-sample losses over sqrt(n): the
+        sampling error of this loss as an estimate of the loss on the population the samples come from.
+        """
+        with self._eval():
+            s = torch.zeros(4, dtype=torch.float64, device=self.device)
+            for x, y in self.batches:
+                logits = self.model(x)
+                per = F.cross_entropy(logits.double() if logits.dtype != torch.float64 else logits, y, reduction="none")
+                s[0] += per.sum()
+                s[1] += (per * per).sum()
+                s[2] += (logits.argmax(1) == y).sum()
+                s[3] += y.numel()
+            total = self._reduce(s)
+        self.n_forward += 1
+        n = float(total[3])
+        mean = float(total[0]) / n
+        var = max(float(total[1]) / n - mean * mean, 0.0) * n / max(n - 1.0, 1.0)
+        return mean, float(total[2]) / n, math.sqrt(var / n)
+
+    def loss(self) -> float:
+        return self.loss_and_accuracy()[0]
+
+    # -- derivatives -----------------------------------------------------------------------------
+    @property
+    def hvp_engine(self) -> HessianVectorProduct:
+        """The HVP kernel over this rank's batches (built, and its kernel chosen, on first use).
+
+        With ``kernel="auto"`` the kernels are timed on the first batch; under torch.distributed rank
+        0's choice is broadcast so every rank runs the same kernel.
+        """
+        if self._hvp is None:
+            with self._eval():
+                params = dict(zip(self.space.names, self.space.params))
+                loss_fn = make_loss_fn(self.model)
+                kernel, selection = self.kernel_name, None
+                if kernel == "auto":
+                    from flatlens.measure.hvp import select_kernel
+
+                    selection = select_kernel(loss_fn, params, self.batches[0])
+                    kernel = str(D.broadcast_object(self.ctx, selection.kernel))
+                self._hvp = HessianVectorProduct(loss_fn, params, self.batches, kernel=kernel)
+                self._hvp.selection = selection
+        return self._hvp
+
+    def grad(self) -> Tensor:
+        """Flat gradient of the mean loss w.r.t. the space's parameters (one forward+backward pass)."""
+        return self.loss_and_grad()[1]
+
+    def loss_and_grad(self) -> tuple[float, Tensor]:
+        """Mean loss and its flat gradient, through detached aliases (no ``.grad`` is touched)."""
+        with self._eval():
+            loss_fn = make_loss_fn(self.model)
+            leaves = [p.detach().requires_grad_(True) for p in self.space.params]
+            params = dict(zip(self.space.names, leaves))
+            acc = [torch.zeros_like(p) for p in leaves]
+            total = torch.zeros(1, dtype=torch.float64, device=self.device)
+            with torch.enable_grad():
+                for batch in self.batches:
+                    s, _ = loss_fn(params, batch)
+                    for a, g in zip(acc, torch.autograd.grad(s, leaves, allow_unused=True)):
+                        if g is not None:
+                            a.add_(g)
+                    total += s.detach().double()
+            flat = self.space.flatten(acc)
+            D.all_reduce_sum(self.ctx, flat)
+            D.all_reduce_sum(self.ctx, total)
+        self.n_grad += 1
+        return float(total) / self.n_samples, flat / self.n_samples
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """Flat ``H v`` (H = Hessian of the mean loss w.r.t. the space's parameters)."""
+        with self._eval():
+            out = self._global(self.hvp_engine.hvp(v))
+        self.n_hvp += 1
+        return out
+
+    def hvp_block(self, V: Tensor) -> Tensor:
+        """``H V`` for an ``n x b`` block (one pass over the data for all columns)."""
+        with self._eval():
+            out = self._global(self.hvp_engine.hvp_batched(V))
+        self.n_hvp += V.shape[1]
+        return out
+
+    def _global(self, local_mean: Tensor) -> Tensor:
+        """Turn this rank's sample-mean quantity into the mean over all ranks' samples."""
+        if not self.ctx.distributed:
+            return local_mean
+        t = local_mean * (self.n_local / self.n_samples)
+        D.all_reduce_sum(self.ctx, t)
+        return t
+
+    def operator(self):
+        """The Hessian as a :class:`flatlens.measure.linalg.SymmetricOperator` (flat vectors)."""
+        from flatlens.measure.linalg import SymmetricOperator
+
+        return SymmetricOperator(self.hvp, self.space.numel, dtype=self.space.dtype, device=self.device,
+                                 matmat=self.hvp_block, name="hessian")
+
+    def release(self) -> None:
+        """Free the HVP engine's retained graphs."""
+        if self._hvp is not None:
+            self._hvp.release()
+
+    # -- provenance ------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Everything a stored result needs to say about what was measured."""
+        info: dict[str, Any] = {
+            "split": self.split, "n_samples": self.n_samples, "subset_seed": self.seed,
+            "subset_sha256": self.subset_sha256(), "bn_mode": "eval", "differentiated": self.differentiated,
+            "world_size": self.ctx.world_size, "device": str(self.device),
+            **{f"select_{k}": v for k, v in self.selection.items()}, **self.space.describe(),
+        }
+        if self._hvp is not None:
+            info["hvp_kernel"] = self._hvp.kernel
+        if self.run is not None:
+            info.update(checkpoint=str(self.run.path), checkpoint_sha256=self.run.sha256, checkpoint_step=self.run.step,
+                        checkpoint_kind=self.run.kind, quantized=self.run.quantized)
+        return info
+
+    def costs(self) -> dict[str, float]:
+        return {"n_forward": self.n_forward, "n_grad": self.n_grad, "n_hvp": self.n_hvp, "seconds": self.seconds}

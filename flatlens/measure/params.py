@@ -1,0 +1,217 @@
+"""ParamSpace: which parameters a measure moves, in which space, and how they are put back.
+
+Every measure in flatlens is a question about the loss as a function of a chosen subset of the
+parameters. A :class:`ParamSpace` names that subset (by parameter name), holds the live tensors and a
+bit-exact copy of their values at creation (the *origin*), moves them in place with ``torch._foreach``
+ops (no state-dict loads per point), and restores them exactly.
+
+Selection (``include``): ``weights`` (the ``weight`` of every Conv/Linear layer, quantized ones
+included: the default, as in Li et al. and SWAD-with-exclusions), ``biases`` (their biases),
+``norm`` (affine parameters of BatchNorm/GroupNorm/LayerNorm), ``scales`` (LSQ step sizes), ``all``
+(every trainable parameter); or ``select`` = a regular expression on parameter names, optionally
+with ``exclude`` = another one.
+
+Spaces for quantized models (recorded with every result):
+
+* ``latent`` — the float latent weights, seen through the enabled quantizers. Gradients and HVPs are
+  those of the straight-through surrogate; the true loss is piecewise constant in these weights.
+* ``dequant`` — a float copy of the model whose weights hold the quantized values w_q and whose weight
+  quantizers are off (:func:`flatlens.quant.dequantized_copy`): a smooth function of w_q.
+* ``scales`` — the quantizers' step sizes (the default selection becomes ``scales``).
+
+For float models ``latent`` is simply the float weights (recorded as ``float``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flatlens.errors import FlatlensError
+
+SPACES = ("latent", "dequant", "scales")
+GROUPS = ("weights", "biases", "norm", "scales", "all")
+_LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class SideEffectError(RuntimeError):
+    """A measure changed the model (a bug in flatlens, never the user's fault)."""
+
+
+def _quantizer_param_names(model: nn.Module) -> set[str]:
+    from flatlens.quant import quantizer_parameter_names
+
+    return set(quantizer_parameter_names(model))
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Names of the trainable parameters in each selection group, in model order."""
+    qnames = _quantizer_param_names(model)
+    groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+    owner = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owner[f"{mname}.{pname}" if mname else pname] = (module, pname)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        groups["all"].append(name)
+        module, pname = owner[name]
+        if name in qnames:
+            groups["scales"].append(name)
+        elif isinstance(module, _LINEAR_TYPES):
+            groups["weights" if pname == "weight" else "biases"].append(name)
+        elif isinstance(module, _NORM_TYPES):
+            groups["norm"].append(name)
+    return groups
+
+
+def select_parameters(model: nn.Module, include: Sequence[str] = ("weights",), select: str | None = None,
+                      exclude: str | None = None) -> list[str]:
+    """Parameter names chosen by groups or by a regex (see module docstring); errors if empty."""
+    groups = parameter_groups(model)
+    if select:
+        try:
+            pattern = re.compile(select)
+        except re.error as exc:
+            raise FlatlensError(f"--params regex {select!r} is invalid: {exc}") from None
+        names = [n for n in groups["all"] if pattern.search(n)]
+    else:
+        bad = [g for g in include if g not in GROUPS]
+        if bad:
+            raise FlatlensError(f"unknown parameter group(s) {bad}; choose from {', '.join(GROUPS)}")
+        chosen = set().union(*(groups[g] for g in include))
+        names = [n for n in groups["all"] if n in chosen]
+    if exclude:
+        pattern = re.compile(exclude)
+        names = [n for n in names if not pattern.search(n)]
+    if not names:
+        raise FlatlensError(f"the parameter selection (include={list(include)}, select={select!r}, "
+                            f"exclude={exclude!r}) matches no trainable parameter; available: "
+                            + ", ".join(groups["all"][:8]) + (" ..." if len(groups["all"]) > 8 else ""))
+    return names
+
+
+def model_state_hash(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (bytes, dtype, shape), the training flags, the
+    ``requires_grad`` flags and whether each ``.grad`` is set: what a measure must leave unchanged."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        data = t.detach()
+        h.update(f"{name}:{data.dtype}:{tuple(data.shape)}:{getattr(t, 'requires_grad', False)}:"
+                 f"{getattr(t, 'grad', None) is not None};".encode())
+        h.update(data.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    for mname, m in model.named_modules():
+        h.update(f"{mname}:{m.training};".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class ParamInfo:
+    """Name, shape and kind of one parameter of a space (what results record)."""
+
+    name: str
+    shape: tuple[int, ...]
+    module_type: str
+
+
+class ParamSpace:
+    """A chosen set of live parameters with a cached origin; moves them in place and restores them."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], space: str = "latent") -> None:
+        if space not in SPACES:
+            raise FlatlensError(f"unknown parameter space {space!r}; choose from {', '.join(SPACES)}")
+        params = dict(model.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise FlatlensError(f"parameters {missing[:3]} are not in the model")
+        self.model = model
+        self.space = space
+        self.names = list(names)
+        self.params: list[Tensor] = [params[n] for n in self.names]
+        types = {}
+        for mname, module in model.named_modules():
+            for pname, _ in module.named_parameters(recurse=False):
+                types[f"{mname}.{pname}" if mname else pname] = type(module).__name__
+        self.info = [ParamInfo(n, tuple(p.shape), types.get(n, "")) for n, p in zip(self.names, self.params)]
+        with torch.no_grad():
+            self.origin: list[Tensor] = [p.detach().clone() for p in self.params]
+        self.numel = sum(p.numel() for p in self.params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+
+    # -- vectors ---------------------------------------------------------------------------------
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """One flat vector from tensors shaped like the space's parameters (in order)."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat`` shaped like the parameters."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"vector has {flat.numel()} entries, the space has {self.numel}")
+        out, i = [], 0
+        for p in self.params:
+            out.append(flat[i:i + p.numel()].view_as(p))
+            i += p.numel()
+        return out
+
+    def origin_vector(self) -> Tensor:
+        return self.flatten(self.origin)
+
+    def zeros(self) -> list[Tensor]:
+        return [torch.zeros_like(p) for p in self.origin]
+
+    # -- moving ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_offset(self, directions: Sequence[Sequence[Tensor]], coefficients: Sequence[float]) -> None:
+        """params = origin + sum_k coefficients[k] * directions[k] (in place, foreach ops)."""
+        torch._foreach_copy_(self.params, self.origin)
+        for d, c in zip(directions, coefficients):
+            if c != 0.0:
+                torch._foreach_add_(self.params, list(d), alpha=float(c))
+
+    @torch.no_grad()
+    def set_values(self, values: Sequence[Tensor]) -> None:
+        """params = values (e.g. another checkpoint's weights)."""
+        torch._foreach_copy_(self.params, list(values))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the origin back, bit for bit."""
+        torch._foreach_copy_(self.params, self.origin)
+
+    @contextmanager
+    def perturbed(self, directions: Sequence[Sequence[Tensor]], coefficients: Sequence[float]) -> Iterator[None]:
+        """Temporarily move to origin + sum c_k d_k."""
+        self.set_offset(directions, coefficients)
+        try:
+            yield
+        finally:
+            self.restore()
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Restore the origin on exit and verify the whole model is bit-identical to its entry state."""
+        before = model_state_hash(self.model)
+        try:
+            yield
+        finally:
+            self.restore()
+            after = model_state_hash(self.model)
+            if after != before:
+                raise SideEffectError("a measure left the model changed (state hash differs); please report this bug")
+
+    def describe(self) -> dict[str, object]:
+        """What results record about the perturbed parameter set."""
+        return {
+            "space": self.space, "param_names": self.names, "param_shapes": [list(i.shape) for i in self.info],
+            "param_module_types": [i.module_type for i in self.info], "n_params": self.numel,
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }

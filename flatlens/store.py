@@ -1,0 +1,298 @@
+"""The HDF5 analysis file: one file per analysis, one group per measure, every number with its provenance.
+
+Schema (``SCHEMA_VERSION`` 1):
+
+* root attributes: ``format`` = ``"flatlens-analysis"``, ``schema_version``, ``flatlens_version``,
+  ``checkpoint_sha256``, ``checkpoint`` (path when written), ``config`` (resolved config, JSON),
+  ``created``;
+* one group per measure (``/hessian``, ``/landscape/<name>``, ``/quant/<layer>``, ...) with its
+  parameters as attributes (split, n_samples, space, seed, tolerances, costs, the perturbed parameter
+  names and shapes...) and its raw results as datasets.
+
+Writing is safe against kills. Anything that changes the file's structure (creating the file, adding
+or replacing a group) is done on a copy that is fsynced and renamed over the original
+(:func:`write_group`), so the file on disk is always a complete, valid file. Long grid computations
+(:class:`GridDatasets`) pre-allocate their datasets (NaN-filled, space allocated up front) and then
+only overwrite raw data in place, flushing per block and writing a block's ``done`` flags after its
+values: a kill can at worst lose the block in flight, never the file. One process (rank 0) writes.
+
+:func:`read` returns plain dicts of numpy arrays and attributes, which is all figure scripts need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from flatlens import __version__
+from flatlens.errors import StoreError
+
+FORMAT = "flatlens-analysis"
+SCHEMA_VERSION = 1
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def attr_value(value: Any) -> Any:
+    """A value h5py can store as an attribute: dicts and mixed lists become JSON strings."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, np.bool_)):
+        return np.bool_(value)
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value) and value:
+            return np.array(value, dtype=_h5py().string_dtype())
+        if value and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in value):
+            return np.asarray(value)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.dtype.kind in ("O", "S"):
+        return [v.decode("utf-8") if isinstance(v, bytes) else v for v in value.tolist()]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _copy_on_write(path: Path):
+    """Context: yields an h5py File on a temporary copy of ``path``; on success it replaces ``path``."""
+    h5py = _h5py()
+
+    class _Ctx:
+        def __enter__(self):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            self.tmp = Path(name)
+            if path.exists():
+                shutil.copyfile(path, self.tmp)
+                self.f = h5py.File(self.tmp, "r+")
+            else:
+                self.f = h5py.File(self.tmp, "w")
+            return self.f
+
+        def __exit__(self, exc_type, exc, tb):
+            try:
+                self.f.close()
+                if exc_type is None:
+                    _fsync_replace(self.tmp, path)
+            finally:
+                self.tmp.unlink(missing_ok=True)
+            return False
+
+    return _Ctx()
+
+
+def check_file(path: str | Path, checkpoint_sha256: str | None = None) -> None:
+    """Raise StoreError unless ``path`` is a flatlens analysis file (of this checkpoint, when given)."""
+    h5py = _h5py()
+    p = Path(path)
+    try:
+        with h5py.File(p, "r") as f:
+            fmt = _decode(f.attrs.get("format", ""))
+            sha = _decode(f.attrs.get("checkpoint_sha256", ""))
+            version = int(f.attrs.get("schema_version", 0))
+    except OSError as exc:
+        raise StoreError(f"{p} is not a readable HDF5 file ({exc}); choose another --out") from None
+    if fmt != FORMAT:
+        raise StoreError(f"{p} is an HDF5 file but not a flatlens analysis file; choose another --out")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{p} has schema {version}, newer than this flatlens ({__version__}); upgrade flatlens")
+    if checkpoint_sha256 and sha and sha != checkpoint_sha256:
+        raise StoreError(f"{p} holds results of another checkpoint (sha256 {sha[:12]}…, this one {checkpoint_sha256[:12]}…); "
+                         "write to another --out")
+
+
+def ensure_file(path: str | Path, provenance: Mapping[str, Any]) -> Path:
+    """Create the analysis file with its root attributes if missing; otherwise check it belongs to the
+    same checkpoint. ``provenance``: checkpoint_sha256, checkpoint, config (dict), and anything else.
+    Temporary copies left next to it by a killed writer are removed (one writer at a time)."""
+    p = Path(path)
+    for stale in p.parent.glob(f".{p.name}.*.tmp"):  # left by a killed writer; one writer at a time
+        stale.unlink(missing_ok=True)
+    if p.exists():
+        check_file(p, str(provenance.get("checkpoint_sha256", "")) or None)
+        return p
+    with _copy_on_write(p) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["flatlens_version"] = __version__
+        f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for key, value in provenance.items():
+            f.attrs[key] = attr_value(value)
+    return p
+
+
+def _write_into(group, datasets: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
+    h5py = _h5py()
+    for key, value in attrs.items():
+        group.attrs[key] = attr_value(value)
+    for key, value in datasets.items():
+        if isinstance(value, Mapping):
+            sub = group.require_group(key)
+            _write_into(sub, {k: v for k, v in value.items() if k != "attrs"}, value.get("attrs", {}))
+            continue
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            group.create_dataset(key, data=np.array(value, dtype=h5py.string_dtype()))
+        else:
+            group.create_dataset(key, data=np.asarray(value))
+
+
+def write_group(path: str | Path, name: str, datasets: Mapping[str, Any], attrs: Mapping[str, Any] | None = None,
+                replace: bool = True) -> None:
+    """Write (or replace) group ``name`` with ``datasets`` (nested mappings become subgroups; a
+    mapping's ``attrs`` key gives its attributes) and ``attrs``, atomically. Other groups are untouched."""
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"{p} does not exist; create it with ensure_file first")
+    with _copy_on_write(p) as f:
+        if name in f:
+            if not replace:
+                raise StoreError(f"{p} already holds /{name}; pass replace=True to overwrite it")
+            del f[name]
+        group = f.require_group(name)
+        _write_into(group, datasets, attrs or {})
+
+
+def delete_group(path: str | Path, name: str) -> None:
+    with _copy_on_write(Path(path)) as f:
+        if name in f:
+            del f[name]
+
+
+def _read_node(node) -> dict[str, Any]:
+    h5py = _h5py()
+    out: dict[str, Any] = {"attrs": {k: _decode(v) for k, v in node.attrs.items()}}
+    for key, item in node.items():
+        if isinstance(item, h5py.Group):
+            out[key] = _read_node(item)
+        else:
+            data = item[()]
+            out[key] = _decode(data) if isinstance(data, (bytes, np.ndarray)) and getattr(data, "dtype", None) is not None \
+                and data.dtype.kind in ("O", "S") else (data.decode() if isinstance(data, bytes) else data)
+    return out
+
+
+def read(path: str | Path, group: str | None = None) -> dict[str, Any]:
+    """The whole file (or one group) as nested dicts: ``{"attrs": {...}, name: array | dict, ...}``."""
+    h5py = _h5py()
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"analysis file not found: {p}")
+    check_file(p)
+    with h5py.File(p, "r") as f:
+        if group is None:
+            return _read_node(f)
+        if group not in f:
+            raise StoreError(f"{p} has no /{group}; it holds: {', '.join(f.keys()) or 'nothing yet'}")
+        return _read_node(f[group])
+
+
+def groups(path: str | Path) -> list[str]:
+    """Top-level and nested group paths that carry a ``measure`` attribute (what was measured)."""
+    h5py = _h5py()
+    found: list[str] = []
+    with h5py.File(Path(path), "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Group) and "measure" in obj.attrs:
+                found.append(name)
+        f.visititems(visit)
+    return found
+
+
+class GridDatasets:
+    """Pre-allocated, resumable datasets for values computed block by block (e.g. landscape grids).
+
+    ``create`` writes the group with NaN-filled float64 datasets of ``shape`` plus a boolean ``done``
+    mask (all copy-on-write, with space allocated up front); afterwards :meth:`write_block` overwrites
+    raw values in place and sets the block's ``done`` flags last, then flushes. A kill during a block
+    leaves its ``done`` flags false, so a resumed run recomputes only that block.
+    """
+
+    def __init__(self, path: str | Path, name: str) -> None:
+        self.path = Path(path)
+        self.name = name
+
+    def create(self, shape: tuple[int, ...], names: Iterable[str], datasets: Mapping[str, Any],
+               attrs: Mapping[str, Any]) -> None:
+        h5py = _h5py()
+        p = self.path
+        with _copy_on_write(p) as f:
+            if self.name in f:
+                del f[self.name]
+            g = f.require_group(self.name)
+            _write_into(g, datasets, attrs)
+            for key in names:
+                d = g.create_dataset(key, shape=shape, dtype="f8", fillvalue=np.nan,
+                                     dcpl=_alloc_early_dcpl(h5py))
+                d[...] = np.nan
+            done = g.create_dataset("done", shape=shape, dtype="bool", dcpl=_alloc_early_dcpl(h5py))
+            done[...] = False
+
+    def exists(self) -> bool:
+        if not self.path.exists():
+            return False
+        h5py = _h5py()
+        with h5py.File(self.path, "r") as f:
+            return self.name in f and "done" in f[self.name]
+
+    def attrs(self) -> dict[str, Any]:
+        h5py = _h5py()
+        with h5py.File(self.path, "r") as f:
+            return {k: _decode(v) for k, v in f[self.name].attrs.items()}
+
+    def done(self) -> np.ndarray:
+        h5py = _h5py()
+        with h5py.File(self.path, "r") as f:
+            return f[self.name]["done"][()]
+
+    def write_block(self, index: Any, values: Mapping[str, np.ndarray]) -> None:
+        """Write ``values[key][...]`` at ``index`` (a numpy index), then mark it done, then flush."""
+        h5py = _h5py()
+        with h5py.File(self.path, "r+") as f:
+            g = f[self.name]
+            for key, v in values.items():
+                g[key][index] = v
+            f.flush()
+            g["done"][index] = True
+            f.flush()
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Update attributes in place (small, fixed-size metadata such as running costs)."""
+        h5py = _h5py()
+        with h5py.File(self.path, "r+") as f:
+            for k, v in attrs.items():
+                f[self.name].attrs[k] = attr_value(v)
+            f.flush()
+
+
+def _alloc_early_dcpl(h5py):
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl

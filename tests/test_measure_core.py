@@ -1,0 +1,131 @@
+"""Measurement core: ParamSpace selection and exact restore, Objective against ground truth, no side effects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import flatlens as fl
+from flatlens.errors import FlatlensError
+from flatlens.measure.objective import Objective
+from flatlens.measure.params import ParamSpace, SideEffectError, model_state_hash, parameter_groups, select_parameters
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, bias=True), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 5))
+
+
+def test_parameter_groups_and_selection():
+    net = _bn_net()
+    g = parameter_groups(net)
+    assert g["weights"] == ["0.weight", "4.weight"] and g["biases"] == ["0.bias", "4.bias"]
+    assert g["norm"] == ["1.weight", "1.bias"] and g["scales"] == [] and len(g["all"]) == 6
+    assert select_parameters(net) == ["0.weight", "4.weight"]
+    assert select_parameters(net, ("weights", "norm")) == ["0.weight", "1.weight", "1.bias", "4.weight"]
+    assert select_parameters(net, select=r"^4\.") == ["4.weight", "4.bias"]
+    assert select_parameters(net, ("all",), exclude="bias") == ["0.weight", "1.weight", "4.weight"]
+    with pytest.raises(FlatlensError, match="matches no trainable parameter"):
+        select_parameters(net, select="nothing")
+    with pytest.raises(FlatlensError, match="unknown parameter group"):
+        select_parameters(net, ("filters",))
+
+
+def test_quantizer_step_sizes_are_their_own_group():
+    from flatlens.quant import attach_quantizers
+
+    net = _bn_net()
+    attach_quantizers(net, keep_float=["4"], enabled=True)
+    g = parameter_groups(net)
+    assert g["scales"] == ["0.weight_quantizer.step_size"]
+    assert "0.weight_quantizer.step_size" not in select_parameters(net)
+
+
+def test_param_space_moves_in_place_and_restores_bitwise():
+    net = _bn_net()
+    space = ParamSpace(net, select_parameters(net))
+    before = model_state_hash(net)
+    d = [torch.randn_like(p) for p in space.origin]
+    e = [torch.randn_like(p) for p in space.origin]
+    space.set_offset([d, e], [0.3, -0.7])
+    assert torch.allclose(space.params[0], space.origin[0] + 0.3 * d[0] - 0.7 * e[0], atol=1e-6)
+    space.restore()
+    assert model_state_hash(net) == before
+    flat = space.flatten(d)
+    assert flat.numel() == space.numel and all(torch.equal(a, b) for a, b in zip(space.unflatten(flat), d))
+    with pytest.raises(SideEffectError):
+        with space.guard():
+            net[1].running_mean.add_(1.0)  # a buffer write inside a measure is caught
+
+
+def _batches(n=37, bs=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=g)
+    y = torch.randint(0, 5, (n,), generator=g)
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]  # ragged last batch
+
+
+def test_objective_values_gradient_and_hvp_against_dense_truth():
+    net = _bn_net().double().eval()
+    batches = [(x.double(), y) for x, y in _batches()]
+    obj = Objective(net, batches=batches, include=("weights", "biases"), kernel="double_backward")
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    names = obj.space.names
+    base = {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    def f(flat):
+        params = dict(base)
+        params.update(dict(zip(names, obj.space.unflatten(flat))))
+        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+    w = obj.space.origin_vector()
+    loss, acc, se = obj.loss_and_accuracy()
+    assert loss == pytest.approx(float(f(w)), rel=1e-12)
+    assert acc == pytest.approx(float((net(x).argmax(1) == y).double().mean()))
+    per = nn.functional.cross_entropy(net(x), y, reduction="none").detach()
+    assert se == pytest.approx(float(per.std() / len(y) ** 0.5), rel=1e-9)
+    assert torch.allclose(obj.grad(), torch.func.grad(f)(w), atol=1e-12)
+    H = torch.autograd.functional.hessian(f, w)
+    v = torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(obj.hvp(v), H @ v, atol=1e-10)
+    V = torch.randn(w.numel(), 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.allclose(obj.hvp_block(V), H @ V, atol=1e-10)
+    assert obj.costs()["n_hvp"] == 4 and obj.costs()["n_grad"] == 1
+
+
+def test_objective_has_no_side_effects():
+    net = _bn_net()
+    net.train()  # the caller's mode must come back
+    net[4].weight.grad = None
+    obj = Objective(net, batches=_batches(), kernel="graph_reuse")
+    state = model_state_hash(net)
+    rng = torch.get_rng_state()
+    obj.loss_and_accuracy()
+    obj.grad()
+    obj.hvp(torch.ones(obj.space.numel))
+    assert net.training and net[1].training
+    assert model_state_hash(net) == state and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_objective_on_a_checkpoint(tiny_run):
+    run = fl.load_checkpoint(tiny_run / "model.pt")
+    state = model_state_hash(run.model)
+    obj = Objective(run, split="env0_out")
+    loss, acc, _ = obj.loss_and_accuracy()
+    assert loss == pytest.approx(run.metrics["env0_out_loss"], rel=1e-5)
+    assert acc == pytest.approx(run.metrics["env0_out_acc"], abs=1e-9)
+    a = Objective(run, split="target", samples=50, seed=3)
+    b = Objective(run, split="target", samples=50, seed=3)
+    c = Objective(run, split="target", samples=50, seed=4)
+    assert a.n_samples == 50 and a.subset_sha256() == b.subset_sha256() != c.subset_sha256()
+    assert set(a.sample_ids[:, 0].tolist()) == {0}
+    info = a.describe()
+    assert info["checkpoint_sha256"] == run.sha256 and info["param_names"] == a.space.names
+    assert info["differentiated"] == "float model" and info["bn_mode"] == "eval"
+    assert model_state_hash(run.model) == state
+    with pytest.raises(FlatlensError, match="needs a quantized model"):
+        Objective(run, space="dequant")

@@ -1,0 +1,110 @@
+"""HDF5 store: schema, atomic group writes, resumable grids, and a file that survives SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO
+from flatlens import store
+from flatlens.errors import StoreError
+
+PROV = {"checkpoint_sha256": "a" * 64, "checkpoint": "/x/model.pt", "config": {"train": {"steps": 3}}}
+
+
+def test_schema_roundtrip_and_group_replacement(tmp_path):
+    p = tmp_path / "analysis.h5"
+    store.ensure_file(p, PROV)
+    store.write_group(p, "hessian", {"eigenvalues": np.array([3.0, 2.0]), "density": {"grid": np.arange(4.0),
+                                     "attrs": {"sigma": 0.5}}}, {"measure": "hessian", "param_names": ["a.weight"]})
+    store.write_group(p, "other", {"x": np.ones(2)}, {"measure": "other"})
+    store.write_group(p, "hessian", {"eigenvalues": np.array([5.0])}, {"measure": "hessian", "n_hvp": 7})
+    r = store.read(p)
+    assert r["attrs"]["format"] == "flatlens-analysis" and r["attrs"]["schema_version"] == 1
+    assert r["attrs"]["checkpoint_sha256"] == "a" * 64 and '"steps": 3' in r["attrs"]["config"]
+    assert r["hessian"]["eigenvalues"].tolist() == [5.0] and "density" not in r["hessian"]
+    assert r["hessian"]["attrs"]["n_hvp"] == 7 and r["other"]["x"].tolist() == [1.0, 1.0]
+    assert store.read(p, "other")["attrs"]["measure"] == "other"
+    assert sorted(store.groups(p)) == ["hessian", "other"]
+    with pytest.raises(StoreError, match="has no /missing"):
+        store.read(p, "missing")
+    with pytest.raises(StoreError, match="already holds /other"):
+        store.write_group(p, "other", {}, replace=False)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_refuses_foreign_files_and_other_checkpoints(tmp_path):
+    p = tmp_path / "a.h5"
+    store.ensure_file(p, PROV)
+    with pytest.raises(StoreError, match="holds results of another checkpoint"):
+        store.ensure_file(p, {**PROV, "checkpoint_sha256": "b" * 64})
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(StoreError, match="not a flatlens analysis file"):
+        store.ensure_file(tmp_path / "foreign.h5", PROV)
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+        store.read(tmp_path / "text.h5")
+
+
+def test_grid_datasets_resume(tmp_path):
+    p = tmp_path / "a.h5"
+    store.ensure_file(p, PROV)
+    grid = store.GridDatasets(p, "landscape/random")
+    grid.create((3, 5), ["loss", "accuracy"], {"xcoordinates": np.linspace(-1, 1, 3)}, {"measure": "landscape"})
+    assert grid.exists() and not grid.done().any()
+    grid.write_block((1, slice(0, 5)), {"loss": np.arange(5.0), "accuracy": np.ones(5)})
+    done = grid.done()
+    assert done[1].all() and not done[0].any() and not done[2].any()
+    r = store.read(p, "landscape/random")
+    assert np.isnan(r["loss"][0]).all() and r["loss"][1].tolist() == [0, 1, 2, 3, 4]
+    grid.set_attrs({"cost_seconds": 1.5})
+    assert grid.attrs()["cost_seconds"] == 1.5
+
+
+WRITER = r"""
+import sys, numpy as np
+from flatlens import store
+p = sys.argv[1]
+store.ensure_file(p, {"checkpoint_sha256": "a" * 64})
+grid = store.GridDatasets(p, "grid")
+if not grid.exists():
+    grid.create((200, 64), ["loss"], {}, {"measure": "grid"})
+i = 0
+while True:
+    big = np.full((200_000,), float(i))
+    store.write_group(p, f"g{i % 3}", {"data": big, "tail": np.array([float(i)])}, {"measure": "g", "i": i})
+    row = i % 200
+    grid.write_block((row, slice(None)), {"loss": np.full(64, float(row))})
+    i += 1
+"""
+
+
+def test_file_stays_valid_when_the_writer_is_killed(tmp_path):
+    p = tmp_path / "a.h5"
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(p)], env=env)
+        time.sleep(rng.uniform(1.5, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        r = store.read(p)  # must open and read completely
+        for name in ("g0", "g1", "g2"):
+            if name in r:  # every group present is complete and self-consistent
+                assert r[name]["data"].shape == (200_000,)
+                assert (r[name]["data"] == r[name]["tail"][0]).all() and r[name]["attrs"]["i"] == r[name]["tail"][0]
+        done = r["grid"]["done"]
+        loss = r["grid"]["loss"]
+        for row in np.flatnonzero(done.all(axis=1)):
+            assert (loss[row] == row).all()  # rows marked done hold their values
+    store.ensure_file(p, {"checkpoint_sha256": "a" * 64})  # the next run cleans temp copies a kill left
+    assert not list(tmp_path.glob(".*.tmp"))
