@@ -64,15 +64,19 @@ class Objective:
         batches: explicit ``[(x, y), ...]`` when ``source`` is a module.
         kernel: HVP kernel (``auto`` measures and picks; see :mod:`flatlens.measure.hvp`).
         device: where the model and batches live (default: the model's device).
+        shard: share the samples out over torch.distributed ranks (see ``__init__``).
     """
 
     def __init__(self, source: Any, split: str = "source-val", samples: int | None = None, space: str = "latent",
                  include: Sequence[str] = ("weights",), select: str | None = None, exclude: str | None = None,
                  seed: int = 0, batch_size: int = 256, batches: Sequence[tuple[Tensor, Tensor]] | None = None,
-                 kernel: str = "auto", device: str | torch.device | None = None) -> None:
+                 kernel: str = "auto", device: str | torch.device | None = None, shard: bool = True) -> None:
         from flatlens.checkpoint import Run
 
-        self.ctx = D.current()
+        # shard=True: under torch.distributed each rank holds samples rank::world and results are
+        # all-reduced. shard=False: every rank holds all samples and computes alone (for measures that
+        # share out other work over ranks, such as the points of a landscape grid).
+        self.ctx = D.current() if shard else D.DistContext()
         self.run = source if isinstance(source, Run) else None
         model = source.model if self.run is not None else source
         if not isinstance(model, nn.Module):

@@ -1,0 +1,1516 @@
+"""Matrix-free algorithms on a symmetric linear operator: eigenvalues, traces, spectral density.
+
+Everything here works on a :class:`SymmetricOperator` -- a ``matvec`` on flat vectors of length ``n``
+(plus an optional ``matmat`` on ``n x b`` blocks) -- and never on a model. The Hessian of a flatlens
+``Objective`` is one such operator (``HessianVectorProduct.as_operator()`` in :mod:`.hvp`); a dense
+symmetric ``torch.Tensor`` is another (used by the tests, where ``torch.linalg.eigh`` is the truth).
+
+Conventions shared by every function:
+
+* **Randomness.** Every random vector comes from an explicit CPU ``torch.Generator`` (or an ``int``
+  seed, from which one is built; the default is seed 0). Probes are drawn on the CPU in float64 and
+  only then cast to the operator's dtype and moved to its device, so the same seed gives the same
+  probes -- and bitwise the same algorithmic path up to the operator's own arithmetic -- on every
+  device.
+* **Costs.** Every result carries ``n_matvec``: how many operator applications (columns of a
+  ``matmat`` count one each) the call spent. For a Hessian each is one HVP = one pass over the data.
+* **Precision.** Vectors live in the operator's dtype on its device; every scalar recurrence
+  coefficient, tridiagonal matrix, small projected matrix and statistic is kept in float64 on the CPU.
+* **Errors.** Bad arguments raise a one-line ``ValueError`` that names the problem and the fix.
+
+Algorithms (see each docstring for the maths and the error statements):
+
+* :func:`lanczos_eigenvalues` -- top-k and bottom-k eigenvalues in one Lanczos run with full
+  reorthogonalisation, certified by Ritz residuals.
+* :func:`power_iteration` -- PyHessian's deflated power iteration, exactly, for benchmarks.
+* :func:`hutchinson`, :func:`hutchpp`, :func:`xtrace` -- trace estimators with a confidence interval
+  and a stopping rule on its relative half-width.
+* :func:`blockwise_trace` -- per-block (per-layer) traces from the same Rademacher probes.
+* :func:`slq_density` -- stochastic Lanczos quadrature spectral density.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import scipy.stats
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SymmetricOperator",
+    "as_operator",
+    "make_generator",
+    "rademacher",
+    "gaussian",
+    "LanczosResult",
+    "lanczos_eigenvalues",
+    "PowerIterationResult",
+    "power_iteration",
+    "TraceResult",
+    "hutchinson",
+    "hutchpp",
+    "xtrace",
+    "BlockTraceResult",
+    "blockwise_trace",
+    "SLQResult",
+    "slq_density",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# The operator
+# --------------------------------------------------------------------------------------------------
+
+
+class SymmetricOperator:
+    """A symmetric linear operator ``A`` on flat vectors of length ``n``, with an application counter.
+
+    Args:
+        matvec: ``v -> A v`` for a 1-D tensor ``v`` of length ``n`` (dtype ``dtype``, on ``device``).
+        n: the dimension.
+        dtype: dtype of the vectors the operator takes and returns (default: torch's default dtype).
+        device: device of those vectors (default: torch's default device).
+        matmat: optional ``V -> A V`` for an ``n x b`` block of probes (e.g. one data pass for all
+            ``b`` columns, or a batched second backward). Without it the columns are applied one by
+            one with ``matvec``.
+        name: a label used in messages.
+
+    ``n_matvec`` counts applications since construction (a ``matmat`` on ``b`` columns counts ``b``).
+    Every algorithm in this module reports the difference it caused, so sharing one operator between
+    several calls is fine.
+    """
+
+    def __init__(
+        self,
+        matvec: Callable[[Tensor], Tensor],
+        n: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        matmat: Callable[[Tensor], Tensor] | None = None,
+        name: str = "operator",
+    ) -> None:
+        if not callable(matvec):
+            raise ValueError("SymmetricOperator: matvec is not callable; pass a function v -> A v.")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 1:
+            raise ValueError(f"SymmetricOperator: n={n!r} is not a positive int; pass the vector length.")
+        self._matvec = matvec
+        self._matmat = matmat
+        self.n = int(n)
+        self.dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.device = torch.device(device) if device is not None else torch.get_default_device()
+        self.name = name
+        self.n_matvec = 0
+
+    @classmethod
+    def from_matrix(cls, A: Tensor, *, check_symmetric: bool = True, name: str = "matrix") -> "SymmetricOperator":
+        """Wrap a dense square symmetric tensor (its dtype and device are the operator's)."""
+        if not isinstance(A, Tensor) or A.ndim != 2 or A.shape[0] != A.shape[1]:
+            shape = tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__
+            raise ValueError(f"from_matrix: got {shape}, need a square 2-D tensor; pass an n x n matrix.")
+        if check_symmetric:
+            scale = float(A.abs().max()) if A.numel() else 0.0
+            asym = float((A - A.T).abs().max()) if A.numel() else 0.0
+            if asym > 1e3 * torch.finfo(A.dtype).eps * max(scale, 1e-300):
+                raise ValueError(
+                    f"from_matrix: matrix is not symmetric (max |A - A^T| = {asym:.3g}); pass (A + A.T) / 2."
+                )
+        return cls(
+            lambda v: A @ v, A.shape[0], dtype=A.dtype, device=A.device, matmat=lambda V: A @ V, name=name
+        )
+
+    def _check(self, out: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if not isinstance(out, Tensor) or tuple(out.shape) != shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{self.name}: returned {got}, expected {shape}; fix the operator's matvec/matmat.")
+        if out.dtype != self.dtype or out.device != self.device:
+            out = out.to(device=self.device, dtype=self.dtype)
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` for one vector (counts 1)."""
+        self.n_matvec += 1
+        return self._check(self._matvec(v), (self.n,))
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``A V`` for an ``n x b`` block (counts ``b``); loops over ``matvec`` if no ``matmat`` was given."""
+        b = V.shape[1]
+        if self._matmat is None:
+            self.n_matvec += b
+            cols = [self._check(self._matvec(V[:, j]), (self.n,)) for j in range(b)]
+            return torch.stack(cols, dim=1) if cols else V.new_zeros((self.n, 0))
+        self.n_matvec += b
+        return self._check(self._matmat(V), (self.n, b))
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        return self.matvec(x) if x.ndim == 1 else self.matmat(x)
+
+    def __repr__(self) -> str:
+        return f"SymmetricOperator(name={self.name!r}, n={self.n}, dtype={self.dtype}, device={self.device})"
+
+
+def as_operator(op: Any) -> SymmetricOperator:
+    """Accept a :class:`SymmetricOperator`, a dense symmetric tensor, or anything with ``as_operator()``."""
+    if isinstance(op, SymmetricOperator):
+        return op
+    if isinstance(op, Tensor):
+        return SymmetricOperator.from_matrix(op)
+    if hasattr(op, "as_operator"):
+        out = op.as_operator()
+        if isinstance(out, SymmetricOperator):
+            return out
+    raise ValueError(
+        f"got {type(op).__name__} as an operator; pass a SymmetricOperator, a square tensor, "
+        "or an object with as_operator()."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Randomness
+# --------------------------------------------------------------------------------------------------
+
+
+def make_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    """A CPU ``torch.Generator``: passed through, built from an ``int`` seed, or seed 0 for ``None``."""
+    if generator is None:
+        generator = 0
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"generator is on {generator.device}; pass a CPU torch.Generator (probes are drawn on CPU "
+                "and moved, for bitwise reproducibility across devices)."
+            )
+        return generator
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(generator))
+        return g
+    raise ValueError(f"generator={generator!r}; pass a CPU torch.Generator or an int seed.")
+
+
+def rademacher(n: int, b: int, generator: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:
+    """An ``n x b`` block of independent +-1 entries, drawn on CPU (float64) then cast and moved."""
+    x = torch.randint(0, 2, (b, n), generator=generator, dtype=torch.int64).to(torch.float64)
+    x.mul_(2.0).sub_(1.0)
+    return x.to(dtype=dtype).to(device).T
+
+
+def gaussian(n: int, b: int, generator: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:
+    """An ``n x b`` block of independent N(0, 1) entries, drawn on CPU (float64) then cast and moved."""
+    x = torch.randn((b, n), generator=generator, dtype=torch.float64)
+    return x.to(dtype=dtype).to(device).T
+
+
+def _draw(kind: str, n: int, b: int, g: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:
+    if kind == "rademacher":
+        return rademacher(n, b, g, dtype, device)
+    if kind == "gaussian":
+        return gaussian(n, b, g, dtype, device)
+    raise ValueError(f"distribution={kind!r}; pass 'rademacher' or 'gaussian'.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)).double())
+
+
+def _check_int(name: str, value: Any, lo: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < lo:
+        raise ValueError(f"{name}={value!r} is not an int >= {lo}; {fix}.")
+    return int(value)
+
+
+def _check_pos(name: str, value: Any, fix: str, allow_zero: bool = False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a number; {fix}.") from None
+    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        raise ValueError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}; {fix}.")
+    return x
+
+
+def _check_level(level: Any) -> float:
+    x = _check_pos("level", level, "pass a confidence level in (0, 1), e.g. 0.95")
+    if not 0.0 < x < 1.0:
+        raise ValueError(f"level={level!r} is outside (0, 1); pass e.g. 0.95.")
+    return x
+
+
+def _tridiag(alphas: Sequence[float], betas: Sequence[float]) -> np.ndarray:
+    m = len(alphas)
+    T = np.diag(np.asarray(alphas, dtype=np.float64))
+    if m > 1:
+        b = np.asarray(betas[: m - 1], dtype=np.float64)
+        T += np.diag(b, 1) + np.diag(b, -1)
+    return T
+
+
+def _orthogonalize_(w: Tensor, Q: Tensor, passes: int = 2) -> Tensor:
+    """Classical Gram-Schmidt of ``w`` against the rows of ``Q`` (``m x n``), repeated ``passes`` times."""
+    if Q.shape[0] == 0:
+        return w
+    for _ in range(passes):
+        w -= Q.T @ (Q @ w)
+    return w
+
+
+# --------------------------------------------------------------------------------------------------
+# Lanczos eigenvalues
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LanczosResult:
+    """Extreme eigenvalues from one Lanczos run.
+
+    ``values`` holds the ``k_top`` largest Ritz values (descending) followed by the ``k_bottom``
+    smallest (ascending); every per-value field follows that order. All tensors are float64 on CPU
+    except ``vectors`` (operator dtype/device).
+
+    Error statements (``r = residuals[i]``, ``theta = values[i]``):
+
+    * ``residuals`` are the Ritz residual norms ``||A y - theta y||`` (``|beta_m s_{m,i}|`` plus the
+      discarded couplings at invariant-subspace restarts, an upper bound). For any unit vector ``y``
+      some eigenvalue ``lambda`` satisfies ``|lambda - theta| <= r``: this is the certificate.
+    * ``rel_error_bound = r / (|theta| - r)`` bounds ``|lambda - theta| / |lambda|`` for that
+      eigenvalue (``inf`` when ``r >= |theta|``). The stopping rule ``r <= tol |theta|`` makes it
+      ``<= tol / (1 - tol)``.
+    * ``gap_rel_error_bound`` uses the sharper ``|lambda - theta| <= r^2 / gap`` (valid when no other
+      eigenvalue lies within ``gap`` of ``theta``), with ``gap`` *estimated* from the other Ritz values
+      (``min_j |theta_j - theta| - r_j``); it is an estimate, not a certificate, and falls back to the
+      residual bound when the gap estimate is not larger than ``r``.
+    * By Cauchy interlacing the i-th largest Ritz value never exceeds the i-th largest eigenvalue (and
+      symmetrically at the bottom), so ``values`` are rigorous one-sided bounds in any case. Single-
+      vector Lanczos cannot see multiplicities, and an eigenvalue whose eigenvector is (nearly)
+      orthogonal to the start vector can be missed: then a converged Ritz value certifies *an*
+      eigenvalue, not necessarily the i-th one. A random start makes this a probability-zero event
+      except for exactly repeated eigenvalues.
+    """
+
+    values: Tensor
+    residuals: Tensor
+    rel_error_bound: Tensor
+    gap_rel_error_bound: Tensor
+    converged: Tensor
+    n_matvec: int
+    iterations: int
+    k_top: int
+    k_bottom: int
+    tol: float
+    restarts: int = 0
+    ritz_values: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
+    vectors: Tensor | None = None
+    method: str = "lanczos"
+
+    @property
+    def top(self) -> Tensor:
+        """The ``k_top`` largest eigenvalue estimates, descending."""
+        return self.values[: self.k_top]
+
+    @property
+    def bottom(self) -> Tensor:
+        """The ``k_bottom`` smallest eigenvalue estimates, ascending."""
+        return self.values[self.k_top :]
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+
+def _gap_bounds(theta: np.ndarray, res_all: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Absolute error estimates ``min(r, r^2 / gap)`` for the wanted Ritz values.
+
+    ``gap`` is estimated as ``min_{j != i} (|theta_j - theta_i| - r_j)`` over the other Ritz values; the
+    ``r^2 / gap`` form is used only when that estimate exceeds ``r``.
+    """
+    out = np.empty(len(wanted))
+    for t, i in enumerate(wanted):
+        r = res_all[i]
+        if len(theta) > 1:
+            mask = np.arange(len(theta)) != i
+            gap = float(np.min(np.abs(theta[mask] - theta[i]) - res_all[mask]))
+        else:
+            gap = 0.0
+        out[t] = r * r / gap if gap > r else r
+    return out
+
+
+def _wanted(theta: np.ndarray, k_top: int, k_bottom: int) -> np.ndarray:
+    order = np.argsort(theta)  # ascending
+    top = order[::-1][:k_top]
+    bottom = order[:k_bottom]
+    return np.concatenate([top, bottom]).astype(np.int64)
+
+
+def lanczos_eigenvalues(
+    op: Any,
+    k_top: int = 1,
+    k_bottom: int = 0,
+    *,
+    tol: float = 1e-3,
+    atol: float | None = None,
+    max_iter: int | None = None,
+    generator: torch.Generator | int | None = None,
+    v0: Tensor | None = None,
+    return_vectors: bool = False,
+    reorth_passes: int = 2,
+    stop: str = "residual",
+) -> LanczosResult:
+    """Top-``k_top`` and bottom-``k_bottom`` eigenvalues of a symmetric operator, in ONE Lanczos run.
+
+    Lanczos with full reorthogonalisation (classical Gram-Schmidt against the whole basis, twice):
+    after ``m`` steps the tridiagonal ``T_m = Q_m^T A Q_m`` is diagonalised in float64 and its Ritz
+    values ``theta_i`` come with residual norms ``r_i = |beta_m s_{m,i}|``. The run stops as soon as
+    every wanted Ritz value (the ``k_top`` largest and the ``k_bottom`` smallest) satisfies
+    ``r_i <= max(tol * |theta_i|, atol)``, or after ``max_iter`` steps (``converged`` then says which
+    did). See :class:`LanczosResult` for what the residuals certify.
+
+    Invariant subspaces (``beta ~ 0``: a low-rank operator, the identity, a start vector inside an
+    eigenspace) are handled by restarting from a fresh random vector orthogonalised against the basis;
+    ``T`` becomes block diagonal and the discarded couplings are added to the residual bound. This
+    is how repeated eigenvalues (e.g. the identity's) are found with their multiplicity.
+
+    Args:
+        op: a :class:`SymmetricOperator`, a dense symmetric tensor, or an object with ``as_operator()``.
+        k_top, k_bottom: how many largest / smallest (algebraic) eigenvalues to return.
+        tol: relative residual target ``r / |theta|``.
+        atol: absolute residual accepted regardless of ``|theta|`` (useful for eigenvalues near zero,
+            e.g. the bottom of a Hessian spectrum: pass ``1e-3 * lambda_max``). Default: the noise
+            floor ``100 * eps(dtype) * max|theta|``.
+        max_iter: most Lanczos steps = operator applications (default ``min(n, max(50, 4 (k_top +
+            k_bottom) + 20))``); the basis holds ``max_iter`` vectors of length ``n`` in memory.
+        generator: CPU ``torch.Generator`` or int seed for the (Rademacher) start and restart vectors.
+        v0: optional start vector (overrides the random start).
+        return_vectors: also return the Ritz vectors (``n x k`` in the operator's dtype/device).
+        reorth_passes: Gram-Schmidt passes per step (2 is "twice is enough").
+        stop: ``"residual"`` (default) stops on the certified bound ``r <= tol |theta|``; ``"gap"``
+            stops on the gap-based estimate ``min(r, r^2 / gap) <= tol |theta|``, which typically
+            saves 1-3 applications but is an estimate (``converged`` then refers to it). The achieved
+            error with ``"residual"`` is usually far below ``tol`` (about ``r^2 / gap``).
+    """
+    op = as_operator(op)
+    n = op.n
+    k_top = _check_int("k_top", k_top, 0, "pass how many largest eigenvalues you want")
+    k_bottom = _check_int("k_bottom", k_bottom, 0, "pass how many smallest eigenvalues you want")
+    k = k_top + k_bottom
+    if k == 0:
+        raise ValueError("k_top=0 and k_bottom=0 ask for nothing; pass k_top >= 1 or k_bottom >= 1.")
+    if k > n:
+        raise ValueError(f"k_top + k_bottom = {k} exceeds the dimension n={n}; ask for at most n eigenvalues.")
+    tol = _check_pos("tol", tol, "pass a relative residual target such as 1e-3")
+    if atol is not None:
+        atol = _check_pos("atol", atol, "pass an absolute residual such as 1e-3 * lambda_max", allow_zero=True)
+    if max_iter is None:
+        max_iter = max(50, 4 * k + 20)
+    max_iter = _check_int("max_iter", max_iter, 1, "pass the most Lanczos steps to take")
+    m_max = min(n, max_iter)
+    if m_max < k:
+        raise ValueError(f"max_iter={max_iter} < k_top + k_bottom = {k}; pass max_iter >= {k}.")
+    reorth_passes = _check_int("reorth_passes", reorth_passes, 1, "pass 1 or 2")
+    if stop not in ("residual", "gap"):
+        raise ValueError(f"stop={stop!r}; pass 'residual' (certified) or 'gap' (estimate).")
+    gen = make_generator(generator)
+    dtype, device = op.dtype, op.device
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 2.0**-52
+
+    start = op.n_matvec
+    Q = torch.zeros((m_max, n), dtype=dtype, device=device)
+    if v0 is not None:
+        if not isinstance(v0, Tensor) or v0.shape != (n,):
+            raise ValueError(f"v0 must be a 1-D tensor of length {n}; pass a start vector of the operator's size.")
+        q = v0.detach().to(dtype=dtype, device=device).clone()
+        nrm = float(torch.linalg.vector_norm(q))
+        if not nrm > 0 or not math.isfinite(nrm):
+            raise ValueError("v0 has zero or non-finite norm; pass a nonzero finite start vector.")
+        Q[0] = q / nrm
+    else:
+        Q[0] = rademacher(n, 1, gen, dtype, device)[:, 0] / math.sqrt(n)
+
+    alphas: list[float] = []
+    betas: list[float] = []  # betas[j] couples basis vectors j and j+1 (0 at a restart)
+    dropped: list[tuple[int, float]] = []  # (index of last vector of a block, discarded beta)
+    restarts = 0
+    theta = np.zeros(0)
+    S = np.zeros((0, 0))
+    res_all = np.zeros(0)
+    conv_mask = np.zeros(0, dtype=bool)
+    wanted = np.zeros(0, dtype=np.int64)
+    m = 0
+    while True:
+        j = m
+        w = op.matvec(Q[j])
+        alpha = _dot(Q[j], w)
+        w = w - alpha * Q[j]
+        if j > 0 and betas[j - 1] != 0.0:
+            w -= betas[j - 1] * Q[j - 1]
+        _orthogonalize_(w, Q[: j + 1], reorth_passes)
+        beta = float(torch.linalg.vector_norm(w).double())
+        alphas.append(alpha)
+        m = j + 1
+
+        T = _tridiag(alphas, betas)
+        theta, S = np.linalg.eigh(T)
+        anorm = float(np.max(np.abs(theta))) if theta.size else 0.0
+        res_all = beta * np.abs(S[-1, :])
+        for idx, b in dropped:
+            res_all = res_all + b * np.abs(S[idx, :])
+        floor = 100.0 * eps * anorm
+        if atol is not None:
+            floor = max(floor, atol)
+        if m >= k:
+            wanted = _wanted(theta, k_top, k_bottom)
+            err = res_all[wanted] if stop == "residual" else _gap_bounds(theta, res_all, wanted)
+            conv_mask = err <= np.maximum(tol * np.abs(theta[wanted]), floor)
+            done = bool(conv_mask.all())
+        else:
+            done = False
+        if done or m >= m_max:
+            break
+        if beta <= 100.0 * eps * anorm or beta == 0.0:
+            # Invariant subspace: restart with a fresh random vector orthogonal to the basis.
+            dropped.append((j, beta))
+            betas.append(0.0)
+            restarts += 1
+            r = rademacher(n, 1, gen, dtype, device)[:, 0]
+            r0 = float(torch.linalg.vector_norm(r))
+            _orthogonalize_(r, Q[:m], 2)
+            rn = float(torch.linalg.vector_norm(r))
+            if rn <= 1e3 * eps * r0:  # the basis spans everything reachable: nothing left
+                break
+            Q[m] = r / rn
+        else:
+            betas.append(beta)
+            Q[m] = w / beta
+
+    if m < k:  # only possible if the whole space was exhausted early (cannot happen when k <= n)
+        wanted = _wanted(theta, min(k_top, m), max(0, min(k_bottom, m - min(k_top, m))))
+        conv_mask = np.ones(len(wanted), dtype=bool)
+    vals = theta[wanted]
+    res = res_all[wanted]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = np.abs(vals) - res
+        rel = np.where(denom > 0, res / np.where(denom > 0, denom, 1.0), np.inf)
+        rel = np.where(res == 0, 0.0, rel)
+        gap_abs = _gap_bounds(theta, res_all, wanted)
+        gdenom = np.abs(vals) - gap_abs
+        grel = np.where(gdenom > 0, gap_abs / np.where(gdenom > 0, gdenom, 1.0), np.inf)
+        grel = np.where(gap_abs == 0, 0.0, grel)
+    vectors = None
+    if return_vectors:
+        Sw = torch.as_tensor(S[:, wanted], dtype=dtype, device=device)
+        vectors = Q[:m].T @ Sw
+    f64 = torch.float64
+    return LanczosResult(
+        values=torch.as_tensor(vals, dtype=f64),
+        residuals=torch.as_tensor(res, dtype=f64),
+        rel_error_bound=torch.as_tensor(rel, dtype=f64),
+        gap_rel_error_bound=torch.as_tensor(grel, dtype=f64),
+        converged=torch.as_tensor(conv_mask, dtype=torch.bool),
+        n_matvec=op.n_matvec - start,
+        iterations=m,
+        k_top=min(k_top, len(vals)),
+        k_bottom=len(vals) - min(k_top, len(vals)),
+        tol=tol,
+        restarts=restarts,
+        ritz_values=torch.as_tensor(theta, dtype=f64),
+        vectors=vectors,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# PyHessian's power iteration (for benchmarks)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PowerIterationResult:
+    """PyHessian-style deflated power iteration: uncertified (the stopping rule is a relative change)."""
+
+    values: Tensor
+    vectors: Tensor
+    n_matvec: int
+    iterations: list[int]
+    converged: Tensor
+    tol: float
+    method: str = "power_iteration"
+
+
+def power_iteration(
+    op: Any,
+    k: int = 1,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    generator: torch.Generator | int | None = None,
+) -> PowerIterationResult:
+    """PyHessian 0.1's ``hessian.eigenvalues(maxIter, tol, top_n)``, reproduced step for step.
+
+    For each of ``k`` eigenpairs: start from a fresh Gaussian vector, normalised as ``v / (||v|| +
+    1e-6)``; each iteration Gram-Schmidts ``v`` against the eigenvectors found so far (deflation by
+    projection) and renormalises, applies ``A``, takes ``tmp = v^T A v`` and sets ``v = Av / (||Av|| +
+    1e-6)``; it stops when ``|ev - tmp| / (|ev| + 1e-6) < tol`` and returns the *previous* estimate
+    ``ev`` (as PyHessian does) and the advanced ``v``. It converges to the largest-*magnitude*
+    eigenvalue of the deflated operator, so a negative value comes back when ``|lambda_min| >
+    lambda_max``. Provided for comparisons; use :func:`lanczos_eigenvalues` for measurements.
+    """
+    op = as_operator(op)
+    n = op.n
+    k = _check_int("k", k, 1, "pass how many eigenpairs you want")
+    if k > n:
+        raise ValueError(f"k={k} exceeds the dimension n={n}; ask for at most n eigenpairs.")
+    tol = _check_pos("tol", tol, "pass a relative-change tolerance such as 1e-3")
+    max_iter = _check_int("max_iter", max_iter, 1, "pass the most iterations per eigenpair")
+    gen = make_generator(generator)
+    dtype, device = op.dtype, op.device
+    start = op.n_matvec
+
+    def normalise(x: Tensor) -> Tensor:
+        return x / (float(torch.linalg.vector_norm(x)) + 1e-6)
+
+    found: list[Tensor] = []
+    values: list[float] = []
+    iters: list[int] = []
+    conv: list[bool] = []
+    for _ in range(k):
+        ev: float | None = None
+        v = normalise(gaussian(n, 1, gen, dtype, device)[:, 0].clone())
+        done = False
+        it = 0
+        for it in range(1, max_iter + 1):
+            for u in found:
+                v = v - _dot(v, u) * u
+            v = normalise(v)
+            Av = op.matvec(v)
+            tmp = _dot(Av, v)
+            v = normalise(Av)
+            if ev is None:
+                ev = tmp
+            elif abs(ev - tmp) / (abs(ev) + 1e-6) < tol:
+                done = True
+                break
+            else:
+                ev = tmp
+        values.append(float(ev))
+        found.append(v)
+        iters.append(it)
+        conv.append(done)
+    return PowerIterationResult(
+        values=torch.tensor(values, dtype=torch.float64),
+        vectors=torch.stack(found, dim=1),
+        n_matvec=op.n_matvec - start,
+        iterations=iters,
+        converged=torch.tensor(conv, dtype=torch.bool),
+        tol=tol,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Trace estimators
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TraceResult:
+    """A trace estimate with a confidence interval.
+
+    ``samples`` are the raw per-probe values the interval is built from (Hutchinson: ``z^T A z``;
+    Hutch++: the residual samples ``g^T P A P g``, with ``exact_part = tr(Q^T A Q)`` added to their
+    mean; XTrace: the exchangeable leave-one-out estimates ``t_i``, with the jackknife replicates
+    ``X_(-j)`` in ``replicates``). ``converged`` is ``True`` when the
+    relative half-width target ``rtol`` was met (always ``True`` when no ``rtol`` was given and the
+    fixed budget was spent).
+    """
+
+    estimate: float
+    stderr: float
+    ci_low: float
+    ci_high: float
+    samples: Tensor
+    n_matvec: int
+    method: str
+    converged: bool
+    level: float = 0.95
+    rtol: float | None = None
+    exact_part: float = 0.0
+    sketch_size: int = 0
+    replicates: Tensor | None = None
+    dof: float | None = None
+
+    @property
+    def half_width(self) -> float:
+        return 0.5 * (self.ci_high - self.ci_low)
+
+    @property
+    def rel_half_width(self) -> float:
+        """CI half-width over ``|estimate|`` (``inf`` for a zero estimate)."""
+        return self.half_width / abs(self.estimate) if self.estimate != 0 else math.inf
+
+
+@functools.lru_cache(maxsize=4096)
+def _t_quantile(level: float, df: int) -> float:
+    return float(scipy.stats.t.ppf(0.5 + level / 2.0, df)) if df >= 1 else math.inf
+
+
+def _mean_ci(samples: np.ndarray, level: float, shift: float = 0.0) -> tuple[float, float, float, float]:
+    """Sample mean (+ shift), its standard error and the Student-t interval at ``level``."""
+    m = samples.size
+    est = float(samples.mean()) + shift if m else shift
+    if m >= 2:
+        se = float(samples.std(ddof=1)) / math.sqrt(m)
+        hw = _t_quantile(level, m - 1) * se
+    else:
+        se = math.inf if m == 1 else 0.0
+        hw = math.inf if m == 1 else 0.0
+    return est, se, est - hw, est + hw
+
+
+def _met(est: float, lo: float, hi: float, rtol: float | None) -> bool:
+    return rtol is not None and math.isfinite(hi - lo) and 0.5 * (hi - lo) <= rtol * abs(est)
+
+
+def _check_budget(max_matvec: Any) -> int:
+    return _check_int("max_matvec", max_matvec, 2, "pass the most operator applications the estimate may use")
+
+
+def _check_rtol(rtol: Any) -> float | None:
+    if rtol is None or rtol == 0:
+        return None
+    return _check_pos("rtol", rtol, "pass a relative CI half-width such as 0.01, or None for a fixed budget")
+
+
+class _QuadFormVariance:
+    """Running estimate of ``Var(g^T B g)`` for i.i.d. probes ``g`` from the probes and ``B g``.
+
+    For Rademacher ``g``, ``Var(g^T B g) = 2 (||B||_F^2 - sum_i B_ii^2)``; for Gaussian ``g``,
+    ``2 ||B||_F^2``. Both terms are estimated without bias from the same probes: ``||B||_F^2`` by the
+    mean of ``||B g||^2`` (``E[g g^T] = I``) and ``sum_i B_ii^2`` by the U-statistic ``sum_{a != b}
+    (g_a * B g_a) . (g_b * B g_b) / (m (m - 1))`` (``E[g * B g] = diag(B)``). This uses second moments of
+    ``B g`` instead of the fourth moments the sample variance of the quadratic forms needs, so it is far
+    less noisy when a few eigenvalues dominate ``B`` -- the case where the plain Student-t interval
+    under-covers.
+    """
+
+    def __init__(self, rademacher_probes: bool) -> None:
+        self.rad = rademacher_probes
+        self.m = 0
+        self.fro = 0.0
+        self.s1: Tensor | None = None
+        self.s2 = 0.0
+
+    def add(self, G: Tensor, BG: Tensor) -> None:
+        self.m += G.shape[1]
+        self.fro += float((BG * BG).sum().double())
+        if self.rad:
+            D = (G * BG).double()
+            s = D.sum(dim=1)
+            self.s1 = s if self.s1 is None else self.s1 + s
+            self.s2 += float((D * D).sum())
+
+    def variance(self) -> float:
+        if self.m < 2:
+            return math.inf
+        v = self.fro / self.m
+        if self.rad and self.s1 is not None:
+            v -= (float(self.s1 @ self.s1) - self.s2) / (self.m * (self.m - 1))
+        return max(2.0 * v, 0.0)
+
+
+def _ci(est: float, var: float, m: int, level: float) -> tuple[float, float, float, float]:
+    """``(estimate, stderr, lo, hi)`` from a per-sample variance and a Student-t quantile (m-1 dof)."""
+    if m < 2 or not math.isfinite(var):
+        return est, math.inf, -math.inf, math.inf
+    se = math.sqrt(var / m)
+    hw = _t_quantile(level, m - 1) * se
+    return est, se, est - hw, est + hw
+
+
+def _check_ci(ci: str) -> str:
+    if ci not in ("formula", "sample"):
+        raise ValueError(f"ci={ci!r}; pass 'formula' (default) or 'sample'.")
+    return ci
+
+
+def hutchinson(
+    op: Any,
+    *,
+    rtol: float | None = 0.01,
+    max_matvec: int = 100,
+    min_samples: int = 10,
+    block_size: int = 1,
+    level: float = 0.95,
+    distribution: str = "rademacher",
+    ci: str = "formula",
+    generator: torch.Generator | int | None = None,
+) -> TraceResult:
+    """Hutchinson's trace estimator ``mean_i z_i^T A z_i`` with a Student-t confidence interval.
+
+    Probes are Rademacher by default (variance ``2 (||A||_F^2 - sum_i A_ii^2)`` per probe; Gaussian:
+    ``2 ||A||_F^2``). The interval is ``mean +- t_{m-1, (1+level)/2} * sqrt(var / m)`` over the ``m``
+    i.i.d. samples, with ``var`` either that variance formula estimated from the probes and ``A z``
+    (``ci="formula"``, default; see :class:`_QuadFormVariance`) or the sample variance of the ``z^T A z``
+    (``ci="sample"``). Measured coverage at level 0.95 (600 seeds, 200 x 200 matrices with decaying,
+    flat and indefinite spectra, 30 probes): 0.945-0.965 for ``"formula"``, 0.93-0.95 for ``"sample"``.
+
+    The run stops as soon as ``m >= min_samples`` and the half-width is at most ``rtol * |estimate|``,
+    or when ``max_matvec`` probes are spent; ``rtol=None`` spends the whole budget. Probes are applied
+    ``block_size`` at a time through the operator's ``matmat`` (the rule is checked after each block).
+    Stopping on the interval itself (many looks) can cost a little coverage: 0.93-0.98 measured for
+    Hutchinson and Hutch++ with ``"formula"`` and ``rtol`` 0.01-0.05.
+    """
+    op = as_operator(op)
+    rtol = _check_rtol(rtol)
+    max_matvec = _check_budget(max_matvec)
+    min_samples = _check_int("min_samples", min_samples, 2, "pass at least 2 samples before stopping")
+    block_size = _check_int("block_size", block_size, 1, "pass how many probes to apply per operator call")
+    level = _check_level(level)
+    ci = _check_ci(ci)
+    if distribution not in ("rademacher", "gaussian"):
+        raise ValueError(f"distribution={distribution!r}; pass 'rademacher' or 'gaussian'.")
+    gen = make_generator(generator)
+    start = op.n_matvec
+    buf = np.empty(max_matvec)
+    qv = _QuadFormVariance(distribution == "rademacher")
+    count = 0
+    converged = False
+    est = se = 0.0
+    lo, hi = -math.inf, math.inf
+    while count < max_matvec:
+        b = min(block_size, max_matvec - count)
+        Z = _draw(distribution, op.n, b, gen, op.dtype, op.device)
+        AZ = op.matvec(Z[:, 0])[:, None] if b == 1 else op.matmat(Z)
+        buf[count : count + b] = (Z * AZ).sum(dim=0).double().cpu().numpy()
+        if ci == "formula":
+            qv.add(Z, AZ)
+        count += b
+        if count >= min_samples or count >= max_matvec:
+            if ci == "formula":
+                est, se, lo, hi = _ci(float(buf[:count].mean()), qv.variance(), count, level)
+            else:
+                est, se, lo, hi = _mean_ci(buf[:count], level)
+            if count >= min_samples and _met(est, lo, hi, rtol):
+                converged = True
+                break
+    s = buf[:count]
+    return TraceResult(
+        estimate=est,
+        stderr=se,
+        ci_low=lo,
+        ci_high=hi,
+        samples=torch.as_tensor(s, dtype=torch.float64),
+        n_matvec=op.n_matvec - start,
+        method=f"hutchinson-{distribution}-{ci}",
+        converged=converged or rtol is None,
+        level=level,
+        rtol=rtol,
+    )
+
+
+def hutchpp(
+    op: Any,
+    *,
+    rtol: float | None = 0.01,
+    max_matvec: int = 99,
+    sketch_size: int | None = None,
+    min_samples: int = 10,
+    block_size: int = 1,
+    level: float = 0.95,
+    ci: str = "formula",
+    generator: torch.Generator | int | None = None,
+) -> TraceResult:
+    """Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with a residual-based confidence interval.
+
+    Phase 1 (``2 k`` applications, ``k = sketch_size``, default ``max_matvec // 3``): ``Y = A S`` for a
+    Rademacher ``S`` (``n x k``), ``Q = orth(Y)``, and the exact trace of the low-rank part,
+    ``tr(Q^T A Q)``, from ``A Q``. Phase 2: Hutchinson on the deflated operator ``P A P`` with ``P = I -
+    Q Q^T``: samples ``g^T P A P g = (P g)^T A (P g)`` for fresh Rademacher ``g``, one application each,
+    streamed until the stopping rule fires or the budget is spent. With the default ``sketch_size``
+    and ``rtol=None`` this is the standard 1/3-1/3-1/3 Hutch++; with ``rtol`` it is the adaptive form
+    in which phase 2 stops as soon as the target is met.
+
+    The interval: conditionally on ``Q`` the low-rank term is exact and the residual samples are
+    i.i.d. and unbiased for ``tr(P A P) = tr(A) - tr(Q^T A Q)``, so the estimate's whole randomness
+    (given the sketch) is the residual mean. ``stderr = std(samples) / sqrt(m)`` and the Student-t
+    interval around ``tr(Q^T A Q) + mean(samples)`` therefore has the nominal coverage conditionally
+    on ``Q``, hence also unconditionally. It does not pretend the sketch is free of error: a poor
+    sketch shows up as large residual samples and a wide interval. The per-sample variance is, as in
+    :func:`hutchinson`, ``2 (||B||_F^2 - sum_i B_ii^2)`` for ``B = P A P`` estimated from the probes and
+    ``B g = P A P g`` (``ci="formula"``, default) or the samples' variance (``ci="sample"``). Measured
+    coverage at level 0.95 (600 seeds, 200 x 200 matrices with decaying, flat and indefinite spectra,
+    budgets 30 and 99): 0.945-0.985 for ``"formula"``, 0.90-0.96 for ``"sample"`` (which under-covers
+    when a few residual eigenvalues dominate).
+    """
+    op = as_operator(op)
+    n = op.n
+    rtol = _check_rtol(rtol)
+    max_matvec = _check_budget(max_matvec)
+    min_samples = _check_int("min_samples", min_samples, 2, "pass at least 2 samples before stopping")
+    block_size = _check_int("block_size", block_size, 1, "pass how many probes to apply per operator call")
+    level = _check_level(level)
+    ci = _check_ci(ci)
+    k = max_matvec // 3 if sketch_size is None else _check_int(
+        "sketch_size", sketch_size, 1, "pass the number of sketch vectors"
+    )
+    k = min(k, n)
+    if k < n and max_matvec - 2 * k < 2:
+        raise ValueError(
+            f"max_matvec={max_matvec} leaves {max_matvec - 2 * k} residual probes after a sketch of {k} "
+            f"(which costs {2 * k}); pass max_matvec >= {2 * k + 2} or a smaller sketch_size."
+        )
+    gen = make_generator(generator)
+    dtype, device = op.dtype, op.device
+    start = op.n_matvec
+
+    S = rademacher(n, k, gen, dtype, device)
+    Y = op.matmat(S)
+    Q, _ = torch.linalg.qr(Y)
+    del S, Y
+    AQ = op.matmat(Q)
+    exact = float(torch.sum(Q * AQ).double())
+    del AQ
+
+    samples: list[np.ndarray] = []
+    converged = False
+    if k >= n:  # Q spans everything: the trace is exact
+        est, se, lo, hi = exact, 0.0, exact, exact
+        converged = True
+    else:
+        count = 2 * k
+        est, se, lo, hi = exact, math.inf, -math.inf, math.inf
+        buf = np.empty(max_matvec - count)
+        qv = _QuadFormVariance(True)
+        done = 0
+        while count < max_matvec:
+            b = min(block_size, max_matvec - count)
+            G0 = rademacher(n, b, gen, dtype, device)
+            G = G0 - Q @ (Q.T @ G0)
+            AG = op.matvec(G[:, 0])[:, None] if b == 1 else op.matmat(G)
+            buf[done : done + b] = (G * AG).sum(dim=0).double().cpu().numpy()
+            if ci == "formula":
+                qv.add(G0, AG - Q @ (Q.T @ AG))  # B g0 = P A P g0
+            count += b
+            done += b
+            if done >= min_samples or count >= max_matvec:
+                if ci == "formula":
+                    est, se, lo, hi = _ci(exact + float(buf[:done].mean()), qv.variance(), done, level)
+                else:
+                    est, se, lo, hi = _mean_ci(buf[:done], level, shift=exact)
+                if done >= min_samples and _met(est, lo, hi, rtol):
+                    converged = True
+                    break
+        samples = [buf[:done]]
+    s = np.concatenate(samples) if samples else np.zeros(0)
+    return TraceResult(
+        estimate=est,
+        stderr=se,
+        ci_low=lo,
+        ci_high=hi,
+        samples=torch.as_tensor(s, dtype=torch.float64),
+        n_matvec=op.n_matvec - start,
+        method=f"hutch++-{ci}",
+        converged=converged or rtol is None,
+        level=level,
+        rtol=rtol,
+        exact_part=exact,
+        sketch_size=k,
+    )
+
+
+def _orth_np(M: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
+    """Orthonormal basis of range(M) by SVD, with a relative rank tolerance."""
+    if M.size == 0:
+        return np.zeros((M.shape[0], 0))
+    U, s, _ = np.linalg.svd(M, full_matrices=False)
+    r = int(np.sum(s > rtol * max(s[0], 1e-300))) if s.size else 0
+    return U[:, :r]
+
+
+def _xtrace_estimates(Om: Tensor, Y: Tensor, op: SymmetricOperator) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """XTrace's exchangeable estimates from test vectors ``Om`` (``n x k``) and ``Y = A Om``.
+
+    Returns ``(t, t2, r)``: the ``k`` leave-one-out estimates ``t_i``; the ``k x k`` leave-two-out
+    estimates ``t2[i, j] = t_i^(-j)`` (the estimate of vector ``i`` inside the XTrace run that does not
+    have vector ``j``; zero diagonal; ``None`` for a rank-deficient sketch or ``k < 3``); and the number
+    of applications spent on ``A Q``.
+
+    Everything after ``A Q`` is ``k``-dimensional algebra. With ``Y = Q R`` (``R`` invertible) and
+    ``g_i = R^{-T} e_i`` (orthogonal to every column of ``R`` but the i-th), the space spanned by ``Y``
+    without the columns in a set ``J`` is ``Q`` times the orthogonal complement of ``span{g_j: j in J}``
+    in ``R^k``. For a test vector ``omega_i`` with coordinates ``w_i = Q^T omega_i`` and ``c = (I - P_J)
+    w_i`` (``P_J`` the projector on ``span g_J``): ``||omega_perp||^2 = ||omega_i||^2 - ||c||^2`` and
+    ``omega_perp^T A omega_perp = omega_i^T y_i - 2 R[:, i]^T c + c^T H c`` with ``H = Q^T A Q`` (because
+    ``Q^T A omega_i = Q^T y_i = R[:, i]``), and the low-rank trace is ``tr(H) - tr(P_J H)``.
+    ``J = {i}`` gives ``t_i``; ``J = {i, j}`` gives the terms of ``X_(-j)``.
+    """
+    n, k = Om.shape
+    Q, R_t = torch.linalg.qr(Y)
+    Rd = R_t.double().cpu().numpy()
+    diag = np.abs(np.diag(Rd))
+    well = diag.size > 0 and diag.min() > 1e-8 * max(diag.max(), 1e-300)
+    if not well:  # rank-deficient sketch (e.g. a low-rank operator): SVD basis of range(Y)
+        U, s, _ = torch.linalg.svd(Y, full_matrices=False)
+        s_np = s.double().cpu().numpy()
+        rank = int(np.sum(s_np > 1e-10 * max(s_np[0], 1e-300))) if s_np.size else 0
+        Q = U[:, :rank]
+        Rd = (Q.T @ Y).double().cpu().numpy()
+    r = Q.shape[1]
+    Z = op.matmat(Q) if r else Q.new_zeros((n, 0))
+    H = (Q.T @ Z).double().cpu().numpy()
+    H = 0.5 * (H + H.T)
+    W = (Q.T @ Om).double().cpu().numpy()  # r x k: coordinates of the test vectors
+    on2 = (Om * Om).sum(dim=0).double().cpu().numpy()
+    oAo = (Om * Y).sum(dim=0).double().cpu().numpy()
+    trH = float(np.trace(H))
+    ww = (W * W).sum(axis=0)
+    wHw = (W * (H @ W)).sum(axis=0)
+    Rw = (Rd * W).sum(axis=0)  # R[:, i]^T w_i
+
+    if not well:
+        t = np.empty(k)
+        for i in range(k):
+            C = _orth_np(np.delete(Rd, i, axis=1))
+            c = C @ (C.T @ W[:, i])
+            quad = oAo[i] - 2.0 * float(Rd[:, i] @ c) + float(c @ H @ c)
+            perp2 = on2[i] - float(c @ c)
+            dim = n - C.shape[1]
+            t[i] = float(np.trace(C.T @ H @ C)) + (dim * quad / perp2 if dim > 0 and perp2 > 1e-12 * on2[i] else 0.0)
+        return t, None, r
+
+    G = np.linalg.solve(Rd, np.eye(k)).T  # column i = g_i
+    K = G.T @ G
+    M = G.T @ H @ G
+    E = G.T @ W  # E[l, i] = g_l^T w_i
+    F = G.T @ H @ W  # F[l, i] = g_l^T H w_i
+    d = np.arange(k)
+    Kd, Md, Ed, Fd = K[d, d], M[d, d], E[d, d], F[d, d]
+    # Leave-one-out (J = {i}).
+    b = Ed / Kd
+    c2 = ww - Ed * b
+    Rc = Rw - b  # R[:, i]^T g_i = 1
+    cHc = wHw - 2.0 * Fd * b + Md * b * b
+    perp1 = on2 - c2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        res1 = np.where(perp1 > 1e-12 * on2, (n - k + 1) * (oAo - 2.0 * Rc + cHc) / perp1, 0.0)
+    t = trH - Md / Kd + (res1 if n - k + 1 > 0 else 0.0)
+    if k < 3:
+        return t, None, r
+    # Leave-two-out (J = {i, j}); rows i, columns j.
+    Kii, Kjj, Kij = Kd[:, None], Kd[None, :], K
+    off = ~np.eye(k, dtype=bool)
+    det = np.where(off, Kii * Kjj - Kij**2, 1.0)
+    a0, a1 = Ed[:, None], E.T  # g_i^T w_i, g_j^T w_i
+    b0 = (Kjj * a0 - Kij * a1) / det
+    b1 = (-Kij * a0 + Kii * a1) / det
+    c2p = ww[:, None] - (a0 * b0 + a1 * b1)
+    Rcp = Rw[:, None] - b0  # R[:, i]^T g_j = 0 for j != i
+    f0, f1 = Fd[:, None], F.T
+    cHcp = wHw[:, None] - 2.0 * (f0 * b0 + f1 * b1) + (b0 * b0 * Md[:, None] + 2.0 * b0 * b1 * M + b1 * b1 * Md[None, :])
+    trPH = (Kjj * Md[:, None] - 2.0 * Kij * M + Kii * Md[None, :]) / det
+    quad2 = oAo[:, None] - 2.0 * Rcp + cHcp
+    perp2 = on2[:, None] - c2p
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t2 = trH - trPH + np.where(perp2 > 1e-12 * on2[:, None], (n - k + 2) * quad2 / perp2, 0.0)
+    t2 = np.where(off, t2, 0.0)
+    return t, t2, r
+
+
+def _xtrace_corrected_se(t: np.ndarray, t2: np.ndarray) -> tuple[float, float]:
+    """Standard error and Satterthwaite degrees of freedom of the ``"corrected"`` XTrace interval.
+
+    ``se^2 = a + b`` with ``a = s^2 / k`` (``k - 1`` degrees of freedom) and ``b = max(0, C) + sd(C)``,
+    ``C`` the mean of the pair products ``delta_ij delta_ji`` (unbiased for the covariance term) taken at
+    its one-standard-error upper bound. ``C`` is a second-order U-statistic; its variance is estimated
+    as ``4 var(row means) / k`` and turned into degrees of freedom ``2 b^2 / var(C)`` (chi-square
+    moment matching); Satterthwaite's formula combines the two.
+    """
+    k = t.size
+    a = float(t.var(ddof=1)) / k
+    delta = t[:, None] - t2
+    np.fill_diagonal(delta, 0.0)
+    P = delta * delta.T
+    C = float(P.sum()) / (k * (k - 1))
+    var_c = max(4.0 * float((P.sum(axis=1) / (k - 1)).var(ddof=1)) / k, 0.0)
+    b = max(C, 0.0) + math.sqrt(var_c)
+    se2 = a + b
+    if se2 <= 0:
+        return 0.0, float(k - 1)
+    denom = a * a / (k - 1)
+    if b > 0 and var_c > 0:
+        denom += b * b / (2.0 * b * b / var_c)
+    dof = se2 * se2 / denom if denom > 0 else float(k - 1)
+    return math.sqrt(se2), float(min(max(dof, 2.0), k - 1))
+
+
+def xtrace(
+    op: Any,
+    *,
+    rtol: float | None = 0.01,
+    max_matvec: int = 100,
+    min_samples: int = 10,
+    level: float = 0.95,
+    ci: str = "corrected",
+    generator: torch.Generator | int | None = None,
+) -> TraceResult:
+    """XTrace (Epperly, Tropp, Webber 2023): the exchangeable Hutch++, with its own error estimate.
+
+    With ``k`` Gaussian test vectors ``omega_i`` and ``Y = A Omega`` (``k`` applications), ``Q = orth(Y)``
+    and ``A Q`` (``k`` more), each test vector gets a leave-one-out estimate
+
+        ``t_i = tr(Q_(i)^T A Q_(i)) + (n - k + 1) u_i^T A u_i``,
+
+    where ``Q_(i)`` spans ``A Omega`` without column ``i`` and ``u_i`` is the normalised part of
+    ``omega_i`` orthogonal to it (the paper's "improved" normalisation). ``omega_i`` is independent of
+    ``Q_(i)``, so ``u_i`` is uniform on the unit sphere of the ``(n - k + 1)``-dimensional complement and
+    ``t_i`` is unbiased; the estimate is ``mean_i t_i``. Everything is computed in ``k``-dimensional
+    coordinates (no extra applications): the projector is ``Q (I - s_i s_i^T) Q^T`` with ``s_i`` the
+    normalised i-th row of ``R^{-1}`` (``Y = Q R``), and ``Q^T A omega_i = R[:, i]``. A rank-deficient
+    sketch (a low-rank operator) switches to an SVD basis and per-``i`` leave-one-out bases.
+
+    The interval (``ci``):
+
+    * ``"corrected"`` (default): an unbiased estimate of the estimator's variance, clipped to be at
+      least the paper's. With ``D_i = t_i - tr(A)``, exchangeability gives ``Var(mean t) = E[s^2] / k +
+      Cov(D_1, D_2)`` (``s^2`` the sample variance of the ``t_i``, which alone misses the covariance
+      twice). Let ``t_i^(-j)`` be vector ``i``'s estimate in the XTrace run without vector ``j`` and
+      ``delta_ij = t_i - t_i^(-j)``. ``t_i^(-j) - tr`` has mean zero given everything but ``omega_i``
+      and does not involve ``omega_j``; ``delta_ji`` has mean zero given ``omega_i`` and the vectors
+      other than ``i, j`` (both ``t_j`` and ``t_j^(-i)`` are conditionally unbiased). Expanding
+      ``D_i D_j`` with ``D_i = (t_i^(-j) - tr) + delta_ij`` therefore leaves ``Cov(D_i, D_j) =
+      E[delta_ij delta_ji]``, which is observable. So ``se^2 = s^2 / k + max(0, C)`` with ``C =
+      mean_{i != j} delta_ij delta_ji`` -- unbiased for ``Var`` before the clipping. The ``t_i^(-j)`` cost
+      no application (leave-two-out projectors in the same coordinates) and ``O(k^3)`` flops. ``C`` is
+      much noisier than ``s^2`` and the estimate is mildly skewed, which left the plain version at
+      0.92-0.97 coverage; so ``C`` is replaced by its one-standard-error upper bound and the Student-t
+      quantile uses Satterthwaite's effective degrees of freedom (``dof`` in the result; see
+      :func:`_xtrace_corrected_se`). Measured coverage at level 0.95 over 600 seeds on 200 x 200
+      matrices (PSD with 0.9^i, 0.7^i or 1/i decay, outliers over a flat bulk, indefinite, flat;
+      k = 10, 15, 50): 0.94-1.00, with intervals 2-15 % wider than the plain version (up to 50 % on
+      the 0.7^i decay, where the error is ~1e-8 relative anyway) and still 2-5x narrower than the
+      jackknife's.
+    * ``"jackknife"``: the jackknife standard error of the XTrace estimator itself,
+      ``se^2 = (k-1)/k sum_j (X_(-j) - mean X_(-))^2``, where ``X_(-j)`` is XTrace run on the test vectors
+      without ``omega_j``. It costs no application (``X_(-j)`` lives in the same ``k``-dim coordinates,
+      via leave-two-out projectors) and ``O(k^3)`` flops. XTrace is a symmetric function of i.i.d. test
+      vectors, so by the Efron-Stein inequality this variance estimate is biased *upwards*: the
+      interval is conservative. Measured on 200 x 200 test matrices (k = 15..50): coverage 0.97-1.00
+      at level 0.95, half-widths 1.2-5x the paper's.
+    * ``"paper"``: the paper's error estimate ``std(t_i) / sqrt(k)``. The ``t_i`` are exchangeable but
+      positively correlated, and on the same matrices this under-covered (0.78-0.94 at level 0.95).
+
+    Each is used as a standard error with a Student-t quantile on ``k - 1`` degrees of freedom. A
+    rank-deficient sketch (all ``t_i`` then nearly exact) or ``k < 3`` uses ``"paper"``.
+
+    With ``rtol=None``: one round with ``k = max_matvec // 2``. With ``rtol``: rounds with ``k`` doubling
+    from ``max(min_samples, 8)``; the test vectors (and ``A Omega``) are kept between rounds but ``A Q``
+    is recomputed (``k`` applications per round), so the adaptive form spends up to ~1.5x the fixed
+    form's applications for the same final ``k``; the last round uses whatever budget is left.
+    """
+    op = as_operator(op)
+    n = op.n
+    rtol = _check_rtol(rtol)
+    max_matvec = _check_budget(max_matvec)
+    min_samples = _check_int("min_samples", min_samples, 2, "pass at least 2 test vectors")
+    level = _check_level(level)
+    if ci not in ("corrected", "jackknife", "paper"):
+        raise ValueError(f"ci={ci!r}; pass 'corrected' (default), 'jackknife' (conservative) or 'paper'.")
+    gen = make_generator(generator)
+    dtype, device = op.dtype, op.device
+    start = op.n_matvec
+    k_cap = min(n, max_matvec // 2)
+    if k_cap < 2:
+        raise ValueError(f"max_matvec={max_matvec} allows fewer than 2 XTrace test vectors; pass max_matvec >= 4.")
+    if rtol is None:
+        schedule_first = k_cap
+    else:
+        schedule_first = min(k_cap, max(min_samples, 8))
+
+    Om = torch.zeros((n, 0), dtype=dtype, device=device)
+    Y = torch.zeros((n, 0), dtype=dtype, device=device)
+    k_prev = 0
+    k_next = schedule_first
+    spent = 0
+    converged = False
+    est_i = np.zeros(0)
+    X_jack = None
+    est = se = 0.0
+    lo, hi = -math.inf, math.inf
+    while True:
+        new = k_next - k_prev
+        Om_new = gaussian(n, new, gen, dtype, device)
+        Y_new = op.matmat(Om_new)
+        Om = torch.cat([Om, Om_new], dim=1)
+        Y = torch.cat([Y, Y_new], dim=1)
+        spent += new
+        est_i, t2, r = _xtrace_estimates(Om, Y, op)
+        spent += r
+        est, se, lo, hi = _mean_ci(est_i, level)
+        dof = float(max(est_i.size - 1, 1))
+        X_jack = None
+        if t2 is not None:
+            kk = est_i.size
+            X_jack = t2.sum(axis=0) / (kk - 1)
+            if ci == "jackknife":
+                se = math.sqrt((kk - 1) / kk * float(((X_jack - X_jack.mean()) ** 2).sum()))
+            elif ci == "corrected":
+                se, dof = _xtrace_corrected_se(est_i, t2)
+            hw = _t_quantile(level, max(1, int(round(dof)))) * se if dof < kk - 1 else _t_quantile(level, kk - 1) * se
+            lo, hi = est - hw, est + hw
+        if est_i.size >= n:  # k = n test vectors: every t_i is exact (a full orthonormal basis)
+            se, lo, hi = 0.0, est, est
+        k_prev = k_next
+        if se == 0.0 or (k_prev >= min_samples and _met(est, lo, hi, rtol)):
+            converged = True
+            break
+        if rtol is None or k_prev >= k_cap:
+            break
+        remaining = max_matvec - spent
+        k_next = min(2 * k_prev, k_cap, (remaining + k_prev) // 2)
+        if k_next <= k_prev:
+            break
+    return TraceResult(
+        estimate=est,
+        stderr=se,
+        ci_low=lo,
+        ci_high=hi,
+        samples=torch.as_tensor(est_i, dtype=torch.float64),
+        n_matvec=op.n_matvec - start,
+        method=f"xtrace-{ci}",
+        converged=converged or rtol is None,
+        level=level,
+        rtol=rtol,
+        sketch_size=k_prev,
+        replicates=None if X_jack is None else torch.as_tensor(X_jack, dtype=torch.float64),
+        dof=dof,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-diagonal (per-layer) traces
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockTraceResult:
+    """Per-block traces ``tr(A_bb)`` from shared Rademacher probes, with per-block CIs.
+
+    ``samples`` is ``m x B``: row ``i`` holds ``z_b^T (A z)_b`` for probe ``i`` and every block ``b``.
+    ``total`` is the Hutchinson estimate of the full trace from the same probes; when the blocks
+    partition ``[0, n)`` its samples are the row sums of ``samples``, so ``estimates.sum()`` equals
+    ``total.estimate`` up to float64 rounding.
+    """
+
+    names: list[str]
+    blocks: list[slice]
+    estimates: Tensor
+    stderr: Tensor
+    ci_low: Tensor
+    ci_high: Tensor
+    samples: Tensor
+    converged: Tensor
+    total: TraceResult
+    n_matvec: int
+    level: float = 0.95
+    rtol: float | None = None
+    method: str = "blockwise-hutchinson"
+
+
+def _check_blocks(blocks: Any, n: int) -> list[slice]:
+    if not isinstance(blocks, (list, tuple)) or len(blocks) == 0:
+        raise ValueError("blocks must be a non-empty list of slices; pass e.g. [slice(0, 10), slice(10, 30)].")
+    out = []
+    for b in blocks:
+        if not isinstance(b, slice) or b.step not in (None, 1):
+            raise ValueError(f"block {b!r} is not a contiguous slice; pass slice(start, stop) with step 1.")
+        s, e, _ = b.indices(n)
+        if b.start is None or b.stop is None or not 0 <= b.start < b.stop <= n:
+            raise ValueError(f"block {b!r} is empty or outside [0, {n}); pass slice(start, stop), 0 <= start < stop <= n.")
+        out.append(slice(s, e))
+    order = sorted(out, key=lambda s: s.start)
+    for a, b in zip(order, order[1:]):
+        if b.start < a.stop:
+            raise ValueError(f"blocks {a} and {b} overlap; pass disjoint slices.")
+    return out
+
+
+def blockwise_trace(
+    op: Any,
+    blocks: Sequence[slice],
+    *,
+    names: Sequence[str] | None = None,
+    rtol: float | None = 0.05,
+    block_floor: float = 0.01,
+    max_matvec: int = 100,
+    min_samples: int = 10,
+    block_size: int = 1,
+    level: float = 0.95,
+    generator: torch.Generator | int | None = None,
+) -> BlockTraceResult:
+    """Traces of the diagonal blocks ``A_bb`` (e.g. one per layer) from ONE probe per application.
+
+    For a Rademacher ``z`` and ``x = A z``, ``z_b^T x_b = sum_{i in b} sum_j z_i z_j A_ij`` and
+    ``E[z_i z_j] = delta_ij``, so ``E[z_b^T x_b] = sum_{i in b} A_ii = tr(A_bb)``: every application
+    gives an unbiased sample of every block's trace at once (the blocks' samples are correlated, each
+    block's are i.i.d. across probes). Rademacher probes make the variance ``2 (||A_b.||_F^2 -
+    sum_{i in b} A_ii^2)`` (the whole row block ``b`` of ``A`` matters, not only ``A_bb``).
+
+    Stopping: every block's Student-t half-width must be ``<= rtol * max(|est_b|, block_floor *
+    sum_b |est_b|)`` (blocks holding less than ``block_floor`` of the absolute trace are held to that
+    absolute floor, so a near-zero block cannot keep the run going), after at least ``min_samples``
+    probes; else the budget ``max_matvec`` is spent. ``rtol=None`` spends the budget.
+    """
+    op = as_operator(op)
+    n = op.n
+    bl = _check_blocks(blocks, n)
+    if names is None:
+        names = [f"block{i}" for i in range(len(bl))]
+    names = list(names)
+    if len(names) != len(bl):
+        raise ValueError(f"{len(names)} names for {len(bl)} blocks; pass one name per block.")
+    rtol = _check_rtol(rtol)
+    block_floor = _check_pos("block_floor", block_floor, "pass a fraction such as 0.01", allow_zero=True)
+    max_matvec = _check_budget(max_matvec)
+    min_samples = _check_int("min_samples", min_samples, 2, "pass at least 2 samples before stopping")
+    block_size = _check_int("block_size", block_size, 1, "pass how many probes to apply per operator call")
+    level = _check_level(level)
+    gen = make_generator(generator)
+    start = op.n_matvec
+    rows: list[np.ndarray] = []
+    totals: list[np.ndarray] = []
+    count = 0
+    B = len(bl)
+
+    def stats(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        m = M.shape[0]
+        est = M.mean(axis=0)
+        if m >= 2:
+            se = M.std(axis=0, ddof=1) / math.sqrt(m)
+            hw = _t_quantile(level, m - 1) * se
+        else:
+            se = np.full(B, np.inf)
+            hw = se
+        return est, se, est - hw, est + hw
+
+    conv = np.zeros(B, dtype=bool)
+    while count < max_matvec:
+        b = min(block_size, max_matvec - count)
+        Z = rademacher(n, b, gen, op.dtype, op.device)
+        AZ = op.matvec(Z[:, 0])[:, None] if b == 1 else op.matmat(Z)
+        P = Z * AZ
+        rows.append(torch.stack([P[s].sum(dim=0) for s in bl], dim=1).double().cpu().numpy())
+        totals.append(P.sum(dim=0).double().cpu().numpy())
+        count += b
+        M = np.concatenate(rows)
+        est, se, lo, hi = stats(M)
+        if rtol is not None and count >= min_samples:
+            scale = np.maximum(np.abs(est), block_floor * np.abs(est).sum())
+            conv = 0.5 * (hi - lo) <= rtol * scale
+            if conv.all():
+                break
+    M = np.concatenate(rows)
+    est, se, lo, hi = stats(M)
+    if rtol is None:
+        conv = np.ones(B, dtype=bool)
+    tot_s = np.concatenate(totals)
+    t_est, t_se, t_lo, t_hi = _mean_ci(tot_s, level)
+    total = TraceResult(
+        estimate=t_est,
+        stderr=t_se,
+        ci_low=t_lo,
+        ci_high=t_hi,
+        samples=torch.as_tensor(tot_s, dtype=torch.float64),
+        n_matvec=op.n_matvec - start,
+        method="hutchinson-rademacher",
+        converged=bool(conv.all()),
+        level=level,
+        rtol=rtol,
+    )
+    f64 = torch.float64
+    return BlockTraceResult(
+        names=names,
+        blocks=bl,
+        estimates=torch.as_tensor(est, dtype=f64),
+        stderr=torch.as_tensor(se, dtype=f64),
+        ci_low=torch.as_tensor(lo, dtype=f64),
+        ci_high=torch.as_tensor(hi, dtype=f64),
+        samples=torch.as_tensor(M, dtype=f64),
+        converged=torch.as_tensor(conv, dtype=torch.bool),
+        total=total,
+        n_matvec=op.n_matvec - start,
+        level=level,
+        rtol=rtol,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Stochastic Lanczos quadrature
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SLQResult:
+    """Spectral density by stochastic Lanczos quadrature.
+
+    ``nodes`` / ``weights`` are ``n_probes x n_steps`` (probes that hit an invariant subspace early are
+    padded with NaN nodes and zero weights); each probe's weights sum to 1. ``density`` is the
+    Gaussian-smoothed density on ``grid``: ``(1/n_probes) sum_p sum_j w_pj N(t; theta_pj, sigma^2)``.
+    ``trace_samples`` are the free Hutchinson samples ``n * alpha_1 = z^T A z`` of the probes.
+    ``spectrum_bounds`` are ``(min node - its residual, max node + its residual)``. By interlacing the
+    extreme nodes are inner bounds (``lambda_min <= min node``, ``max node <= lambda_max``); each is
+    also within its residual of some eigenvalue, so the interval is the spectrum's range unless an
+    extreme eigenvalue was invisible to every probe (no extra applications, unlike curvlinops'
+    boundary ``eigsh`` run).
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    grid: Tensor
+    density: Tensor
+    sigma: float
+    n_matvec: int
+    n_probes: int
+    n_steps: int
+    trace_samples: Tensor
+    spectrum_bounds: tuple[float, float]
+    extreme_residuals: tuple[float, float] = (math.nan, math.nan)
+    method: str = "slq"
+
+    def moment(self, p: int) -> float:
+        """The quadrature estimate of ``(1/n) tr(A^p)``: ``mean_p sum_j w_pj theta_pj^p``."""
+        nodes = torch.nan_to_num(self.nodes, nan=0.0)
+        return float((self.weights * nodes**p).sum(dim=1).mean())
+
+
+def slq_density(
+    op: Any,
+    n_probes: int = 3,
+    n_steps: int = 30,
+    *,
+    grid: int | Tensor = 1001,
+    sigma: float | None = None,
+    pad: float | None = None,
+    generator: torch.Generator | int | None = None,
+    reorth_passes: int = 2,
+) -> SLQResult:
+    """Stochastic Lanczos quadrature (SLQ) estimate of the spectral density of ``A``.
+
+    Each probe runs ``n_steps`` Lanczos steps with full reorthogonalisation from a normalised Rademacher
+    start ``v = z / sqrt(n)``. The eigendecomposition ``T = S diag(theta) S^T`` of its tridiagonal gives
+    the Gauss quadrature rule ``v^T f(A) v ~ sum_j S_{1j}^2 f(theta_j)``, exact for polynomials of degree
+    ``< 2 n_steps``; since ``E[v^T f(A) v] = tr f(A) / n``, averaging the rules over probes estimates the
+    spectral measure. All probes advance together through the operator's ``matmat`` (one application
+    of a block per step: one data pass for all probes). A probe that reaches an invariant subspace stops
+    (its rule is then exact). The basis costs ``n_probes * n_steps`` vectors of length ``n``.
+
+    Args:
+        n_probes, n_steps: probes and Lanczos steps per probe (cost ``n_probes * n_steps`` applications).
+        grid: number of grid points (default 1001) on ``[min node - pad, max node + pad]``, or an
+            explicit 1-D tensor of points.
+        sigma: Gaussian kernel width; default ``(max node - min node) / 100`` (``1e-2 * max(|node|, 1)``
+            for a one-point spectrum).
+        pad: grid padding beyond the extreme nodes; default ``5 * sigma`` (the density then integrates
+            to 1 within ~1e-6 on the default grid).
+    """
+    op = as_operator(op)
+    n = op.n
+    n_probes = _check_int("n_probes", n_probes, 1, "pass how many random start vectors to use")
+    n_steps = _check_int("n_steps", n_steps, 1, "pass how many Lanczos steps per probe")
+    if sigma is not None:
+        sigma = _check_pos("sigma", sigma, "pass a positive kernel width or None for the default")
+    if pad is not None:
+        pad = _check_pos("pad", pad, "pass a non-negative grid padding or None", allow_zero=True)
+    reorth_passes = _check_int("reorth_passes", reorth_passes, 1, "pass 1 or 2")
+    gen = make_generator(generator)
+    dtype, device = op.dtype, op.device
+    eps = torch.finfo(dtype).eps
+    m = min(n_steps, n)
+    p = n_probes
+    start = op.n_matvec
+
+    Q = torch.zeros((p, m, n), dtype=dtype, device=device)
+    Q[:, 0, :] = (rademacher(n, p, gen, dtype, device) / math.sqrt(n)).T
+    alphas = [[] for _ in range(p)]
+    betas = [[] for _ in range(p)]
+    active = list(range(p))
+    last_beta = [0.0] * p
+    for j in range(m):
+        V = Q[active, j, :].T  # n x |active|
+        W = op.matvec(V[:, 0])[:, None] if len(active) == 1 else op.matmat(V)
+        still = []
+        for c, i in enumerate(active):
+            w = W[:, c].clone()
+            a = _dot(Q[i, j], w)
+            w -= a * Q[i, j]
+            if j > 0:
+                w -= betas[i][j - 1] * Q[i, j - 1]
+            _orthogonalize_(w, Q[i, : j + 1], reorth_passes)
+            b = float(torch.linalg.vector_norm(w).double())
+            alphas[i].append(a)
+            last_beta[i] = b
+            anorm = max(abs(x) for x in alphas[i]) + max(betas[i], default=0.0)
+            if j + 1 < m and b > 100.0 * eps * max(anorm, 1e-300):
+                betas[i].append(b)
+                Q[i, j + 1] = w / b
+                still.append(i)
+        active = still
+        if not active:
+            break
+    del Q
+
+    nodes = np.full((p, m), np.nan)
+    weights = np.zeros((p, m))
+    trace_s = np.zeros(p)
+    res_lo, res_hi = [], []
+    for i in range(p):
+        T = _tridiag(alphas[i], betas[i])
+        th, S = np.linalg.eigh(T)
+        mi = len(th)
+        nodes[i, :mi] = th
+        weights[i, :mi] = S[0, :] ** 2
+        trace_s[i] = n * alphas[i][0]
+        r = last_beta[i] * np.abs(S[-1, :])
+        res_lo.append((th[0], r[0]))
+        res_hi.append((th[-1], r[-1]))
+    lo_node, lo_res = min(res_lo, key=lambda t: t[0])
+    hi_node, hi_res = max(res_hi, key=lambda t: t[0])
+    span = hi_node - lo_node
+    if sigma is None:
+        sigma = span / 100.0 if span > 0 else 1e-2 * max(abs(hi_node), 1.0)
+    if pad is None:
+        pad = 5.0 * sigma
+    if isinstance(grid, Tensor):
+        if grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError("grid tensor must be 1-D with >= 2 points; pass e.g. torch.linspace(a, b, 1001).")
+        g = grid.detach().double().cpu().numpy()
+    else:
+        npts = _check_int("grid", grid, 2, "pass a number of grid points or a 1-D tensor")
+        g = np.linspace(lo_node - pad, hi_node + pad, npts)
+    dens = np.zeros_like(g)
+    norm = 1.0 / (sigma * math.sqrt(2.0 * math.pi))
+    for i in range(p):
+        ok = np.isfinite(nodes[i])
+        th, w = nodes[i, ok], weights[i, ok]
+        dens += (w[None, :] * np.exp(-0.5 * ((g[:, None] - th[None, :]) / sigma) ** 2)).sum(axis=1)
+    dens *= norm / p
+    f64 = torch.float64
+    return SLQResult(
+        nodes=torch.as_tensor(nodes, dtype=f64),
+        weights=torch.as_tensor(weights, dtype=f64),
+        grid=torch.as_tensor(g, dtype=f64),
+        density=torch.as_tensor(dens, dtype=f64),
+        sigma=float(sigma),
+        n_matvec=op.n_matvec - start,
+        n_probes=p,
+        n_steps=m,
+        trace_samples=torch.as_tensor(trace_s, dtype=f64),
+        spectrum_bounds=(float(lo_node - lo_res), float(hi_node + hi_res)),
+        extreme_residuals=(float(lo_res), float(hi_res)),
+    )
