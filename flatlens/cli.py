@@ -18,6 +18,11 @@ COMMANDS = {
     "train": "flatlens.commands.train",
     "collect": "flatlens.commands.collect",
     "info": "flatlens.commands.info",
+    "export": "flatlens.commands.export",
+    "ensemble": "flatlens.commands.ensemble",
+    "sharpness": "flatlens.commands.sharpness",
+    "landscape": "flatlens.commands.landscape",
+    "plot": "flatlens.commands.plot",
 }
 
 

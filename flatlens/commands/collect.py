@@ -9,7 +9,9 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="tabulate target-domain accuracy over runs",
                        description="Read every results.jsonl under DIR and print per-target-domain accuracy under "
-                                   "training-domain validation, oracle and last-checkpoint selection.")
+                                   "training-domain validation, oracle and last-checkpoint selection. Quantized runs "
+                                   "(quant.select_quantized_only) are selected among checkpoints taken after q_step "
+                                   "and get a second row, '<label> (any checkpoint)', selected over all checkpoints.")
     p.add_argument("dir", help="folder holding run directories (searched recursively)")
     p.add_argument("--format", choices=("text", "markdown", "latex", "csv"), default="text")
     p.add_argument("--selection", default="training_domain_val,oracle,last",

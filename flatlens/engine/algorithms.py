@@ -44,7 +44,12 @@ class Algorithm:
         self.ctx = ctx
         if ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.network: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # quantizer step sizes get no gradient while quantization is off (before q_step, matched_noise)
+            from flatlens.quant import quantizer_parameter_names
+
+            unused = cfg.quant.enabled and bool(quantizer_parameter_names(model))
+            self.network: nn.Module = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=unused)
         else:
             self.network = model
         self.optimizer = build_optimizer(model, cfg)

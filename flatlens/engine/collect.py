@@ -7,6 +7,10 @@ hyper-parameters compete under each selection method (:mod:`flatlens.engine.sele
 shows the mean ± standard error over trials of the selected target ``in`` accuracy, in percent, with
 DomainBed's standard error ``std / sqrt(n)`` (population std). ``Avg`` is the mean over target
 domains, shown only when every domain has a value.
+
+Runs whose in-run selection was restricted to quantized (``after_q``) checkpoints
+(``quant.enabled`` and ``quant.select_quantized_only``) get a second row, ``<label> (any checkpoint)``,
+selected over every checkpoint -- the choice the released QT-DoG code would make.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from typing import Any, Sequence
 
 from flatlens.engine.selection import METHOD_TITLES, TABLE_METHODS, select_across_hparams
 from flatlens.errors import FlatlensError
+
+ANY_CHECKPOINT = "(any checkpoint)"
+"""Suffix of the extra row of a run label whose selection was restricted to checkpoints taken after
+``q_step`` (``quant.select_quantized_only``): the same runs, selected over every checkpoint."""
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -120,22 +128,28 @@ def build_tables(runs: Sequence[RunRecords], methods: Sequence[str] = TABLE_METH
         for method in methods:
             table = Table(f"{dataset}: {METHOD_TITLES[method]}", dataset, method, list(domains))
             for label in labels:
-                cells: list[Cell | None] = []
-                for t in range(len(domains)):
-                    group = [r for r in ds_runs if r.label == label and t in r.test_envs]
-                    values = []
-                    for trial in sorted({r.trial for r in group}):
-                        trial_runs = [r for r in group if r.trial == trial]
-                        chosen = _select(trial_runs, method, t)
-                        if chosen is not None:
-                            values.append(100.0 * chosen[f"env{t}_in_acc"])
-                    cells.append(Cell(values) if values else None)
-                table.rows.append((label, cells))
+                restricted = any(r.quantized_only for r in ds_runs if r.label == label)
+                variants = [(label, None)] + ([(f"{label} {ANY_CHECKPOINT}", False)] if restricted else [])
+                for row_label, quantized_only in variants:
+                    cells: list[Cell | None] = []
+                    for t in range(len(domains)):
+                        group = [r for r in ds_runs if r.label == label and t in r.test_envs]
+                        values = []
+                        for trial in sorted({r.trial for r in group}):
+                            trial_runs = [r for r in group if r.trial == trial]
+                            chosen = _select(trial_runs, method, t, quantized_only)
+                            if chosen is not None:
+                                values.append(100.0 * chosen[f"env{t}_in_acc"])
+                        cells.append(Cell(values) if values else None)
+                    table.rows.append((row_label, cells))
             tables.append(table)
     return tables
 
 
-def _select(runs: Sequence[RunRecords], method: str, test_env: int) -> dict[str, Any] | None:
+def _select(runs: Sequence[RunRecords], method: str, test_env: int,
+            quantized_only: bool | None = None) -> dict[str, Any] | None:
+    """The record a method selects among runs of one trial; ``quantized_only`` overrides the runs' own
+    restriction (``False``: every checkpoint is a candidate)."""
     # Runs of one trial compete; all share train/test envs only when they share test_envs, so
     # select per distinct test_envs set and keep the best by the method's own score.
     by_envs: dict[tuple[int, ...], list[RunRecords]] = {}
@@ -144,8 +158,8 @@ def _select(runs: Sequence[RunRecords], method: str, test_env: int) -> dict[str,
     best = None
     for envs, group in sorted(by_envs.items()):
         train_envs = group[0].train_envs
-        quantized_only = any(r.quantized_only for r in group)
-        rec = select_across_hparams([r.records for r in group], method, train_envs, [test_env], quantized_only)
+        restrict = any(r.quantized_only for r in group) if quantized_only is None else quantized_only
+        rec = select_across_hparams([r.records for r in group], method, train_envs, [test_env], restrict)
         if rec is not None and (best is None or len(envs) < best[0]):
             best = (len(envs), rec)  # prefer runs with the fewest held-out domains (the standard setting)
     return best[1] if best else None

@@ -1,7 +1,7 @@
 """Per-step hooks of the training loop: state that changes with the step, outside the algorithm.
 
-A hook sees the algorithm once (:meth:`TrainHook.attach`), is called before every update
-(:meth:`TrainHook.before_step`), may add fields to results records, and saves its state in
+A hook sees the algorithm once (:meth:`TrainHook.attach`), is called before and after every update
+(:meth:`TrainHook.before_step`, :meth:`TrainHook.after_step`), may add fields to results records, and saves its state in
 ``last.pt`` so resumed runs continue exactly. Quantization switching on at ``quant.q_step`` (and its
 ablation modes) is a hook: quantizers are attached before the optimizer is built and only enabled
 here, never swapped in mid-run.
@@ -24,6 +24,9 @@ class TrainHook:
 
     def before_step(self, step: int) -> None:
         """Called before update ``step`` (0-based)."""
+
+    def after_step(self, step: int) -> None:
+        """Called right after update ``step`` (its optimizer step), before any evaluation/checkpoint."""
 
     def quantized(self) -> bool:
         """Whether the model currently computes with quantized weights."""

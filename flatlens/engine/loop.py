@@ -35,7 +35,7 @@ from flatlens.engine.algorithms import Algorithm, build_algorithm
 from flatlens.engine.evaluate import evaluate
 from flatlens.engine.hooks import TrainHook, build_hooks
 from flatlens.engine.rundir import RunDir, environment
-from flatlens.engine.selection import score, test_accuracy
+from flatlens.engine.selection import is_candidate, score, test_accuracy
 from flatlens.errors import FlatlensError
 from flatlens.network import build_network
 from flatlens.progress import Progress
@@ -216,6 +216,8 @@ class Trainer:
             for hook in self.hooks:
                 hook.before_step(step)
             out = self.algorithm.update(next(batches), step)
+            for hook in self.hooks:
+                hook.after_step(step)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
             n_since += 1
@@ -264,7 +266,7 @@ class Trainer:
                           data_fingerprint={"dataset": self.dataset.fingerprint(), "splits": self.splits.fingerprint()},
                           flatlens_version=__version__)
         self.records.append(record)
-        eligible = record["quantized"] or not (cfg.quant.enabled and cfg.quant.select_quantized_only)
+        eligible = is_candidate(record, cfg.quant.enabled and cfg.quant.select_quantized_only)
         improved = False
         if eligible:
             method = cfg.train.selection

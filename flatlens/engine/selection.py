@@ -14,8 +14,10 @@ run's LAST checkpoint and picks the run with the best target ``out`` accuracy; `
 whose last checkpoint has the best training-domain validation score. The reported value is the
 target ``in`` accuracy (DomainBed reports ``env{t}_in_acc``).
 
-When a run's records carry ``quantized`` flags and ``select_quantized_only`` is on, only quantized
-checkpoints are candidates (the released QT-DoG selection could return a float checkpoint).
+When a run has ``quant.enabled`` and ``quant.select_quantized_only`` (the default), only checkpoints
+taken after ``q_step`` are candidates -- the quantized ones in ``qat`` / ``quantize_and_freeze`` (the
+released QT-DoG selection could return a float checkpoint); ``flatlens collect`` also reports the
+unrestricted choice for such runs.
 """
 
 from __future__ import annotations
@@ -47,12 +49,21 @@ def score(record: Record, method: str, train_envs: Sequence[int], test_envs: Seq
     raise ValueError(f"unknown selection method {method!r}")
 
 
+def is_candidate(record: Record, quantized_only: bool) -> bool:
+    """Whether a record may be selected: any record, or with ``quantized_only`` (``quant.enabled`` and
+    ``quant.select_quantized_only``) only those taken after ``q_step`` -- ``phase == "after_q"``, which
+    for ``qat`` / ``quantize_and_freeze`` means quantized and for the ablation modes (freeze, noise)
+    under their treatment. Records without a phase fall back to their ``quantized`` flag."""
+    if not quantized_only:
+        return True
+    if "phase" in record:
+        return record["phase"] == "after_q"
+    return bool(record.get("quantized"))
+
+
 def candidates(records: Sequence[Record], quantized_only: bool = False) -> list[Record]:
-    """Records eligible for selection (quantized ones only, when asked and when any exist)."""
-    if quantized_only:
-        q = [r for r in records if r.get("quantized")]
-        return q
-    return list(records)
+    """Records eligible for selection (see :func:`is_candidate`)."""
+    return [r for r in records if is_candidate(r, quantized_only)]
 
 
 def select_in_run(records: Sequence[Record], method: str, train_envs: Sequence[int], test_envs: Sequence[int],

@@ -23,14 +23,21 @@ this except in the half-step bands just beyond the range ends (``Q_P < v/s < Q_P
 mirror below ``-Q_N``): their kernels mask on ``round(v/s)``, so there they pass ``dv`` and give
 ``round(v/s) - v/s`` for ``ds``; LSQ (and this module) treat those values as clipped.
 
-Why plain autograd ops and no ``torch.autograd.Function``: the Hessian tools differentiate twice
-through this module (double backward and ``torch.func.jvp(torch.func.grad(...))``). Both idioms below
-are differentiable to any order and support forward-mode AD:
-
-* ``grad_scale(s, g) = s.detach() + (s*g - (s*g).detach())`` -- value exactly ``s`` (bitwise; the
-  lsq-net form ``(s - s*g).detach() + s*g`` can be one ulp off), gradient ``g``;
-* ``round_pass(y) = y + (round(y) - y).detach()`` -- value exactly ``round(y)`` for every float ``y``
-  (Sterbenz: the subtraction is exact), gradient 1.
+Implementation: the step size goes through plain autograd ops (``clamp_min`` and
+``grad_scale(s, g) = s.detach() + (s*g - (s*g).detach())`` -- value exactly ``s``, bitwise, gradient
+``g``); the elementwise part is one ``torch.autograd.Function`` (:class:`_LSQFakeQuant`) because the
+equivalent chain of plain ops (``x/s``, ``clamp``, ``round_pass``, ``*s`` and their backward) costs
+about twice as many passes over the weights, which dominated the QAT step on CPU. Its forward computes
+``y = x/s``, ``q = round(clamp(y))``, ``q*s`` (the same float ops as before, so the value is bitwise
+unchanged and equal to :meth:`LSQQuantizer.dequantize` of :meth:`LSQQuantizer.quantize_int`) plus the
+in-range mask and ``r = d v_hat / d s`` that the backward needs. It stays differentiable to any order,
+because the Hessian tools differentiate twice through this module: the backward is plain
+differentiable ops on the saved mask and ``r``, which are constants of ``(x, s)`` to every order in the
+plain-op form too (its ``d r / d(x, s)`` cancels to 0), so double backward gives the same HVPs as
+before (checked to 1e-15); forward-mode AD has its own ``jvp`` rule; ``torch.func`` transforms
+(``grad``, ``jvp``, ``vmap``) are supported (``setup_context``, ``generate_vmap_rule``).
+``round_pass(y) = y + (round(y) - y).detach()`` is kept as a helper (value exactly ``round(y)``,
+gradient 1).
 
 What an HVP through this quantizer means: it is the Jacobian of the *straight-through surrogate*
 gradient, not the Hessian of the (piecewise-constant in the weights) quantized loss. For the weight
@@ -75,6 +82,73 @@ def quant_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
     else:
         q_n, q_p = 0, 2**bits - 1
     return q_n, q_p
+
+
+class _LSQFakeQuant(torch.autograd.Function):
+    """``v_hat = round(clamp(x/s, -Q_N, Q_P)) * s`` with LSQ's straight-through gradients, fused.
+
+    ``s`` is the effective step size, already broadcastable to ``x`` (its gradient scale and eps clamp
+    are applied outside by plain autograd). Outputs ``(v_hat, r, inside)``: ``inside`` is the in-range
+    mask ``-Q_N <= x/s <= Q_P`` as 0./1. in ``x/s``'s dtype, ``r = d v_hat / d s`` elementwise
+    (``round(x/s) - x/s`` inside the range, ``-Q_N`` / ``Q_P`` outside); both are non-differentiable
+    by-products kept for the backward (``setup_context`` may only save inputs and outputs).
+
+    Backward ``dx = g * inside``, ``ds = sum(g * r)`` over the broadcast dimensions; forward mode
+    ``dv_hat = inside * dx + r * ds``. ``r`` and ``inside`` are constants of ``(x, s)`` to every
+    order, exactly as in the plain-op form ``round_pass(clamp(x/s)) * s`` (there ``d r / d(x, s)`` is
+    ``inside/s - inside/s = 0`` inside the range and 0 outside), so double backward and
+    forward-over-reverse give the same HVPs as that form. Kernel choices (CPU, measured): a float mask
+    via ``eq(out=)`` and an in-place ``addcmul_`` instead of a bool mask with ``where`` (about 3x
+    cheaper), no zero-filled gradients for the by-products (``set_materialize_grads(False)``), as few
+    fresh allocations as possible (first-touch page faults on large tensors cost as much as a pass).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int):  # type: ignore[override]
+        y = x / s
+        q = torch.clamp(y, -q_n, q_p)
+        try:  # 1. where the clamp changed nothing, else 0. (one pass; a bool mask + cast costs two)
+            inside = torch.eq(y, q, out=torch.empty_like(y))
+            vmapped = False
+        except RuntimeError:  # torch.vmap has no batching rule for out= variants (nor for addcmul_)
+            inside = (y == q).to(y.dtype)
+            vmapped = True
+        q = q.round_()
+        out = q * s
+        if vmapped:
+            r = torch.addcmul(q, y, inside, value=-1)
+        else:
+            r = q.addcmul_(y, inside, value=-1)  # in place (q is no longer needed): q - y inside, q outside
+        return out, r, inside
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: D401 - torch hook
+        _, s, _, _ = inputs
+        _, r, inside = output
+        ctx.mark_non_differentiable(r, inside)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the by-products r, inside
+        ctx.save_for_backward(r, inside)
+        ctx.save_for_forward(r, inside)
+        ctx.s_shape = s.shape
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _gr: torch.Tensor | None, _gi: torch.Tensor | None):  # type: ignore[override]
+        r, inside = ctx.saved_tensors
+        if g is None:  # only the by-products were used downstream
+            return None, None, None, None
+        gx = g * inside if ctx.needs_input_grad[0] else None
+        gs = (g * r).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
+        return gx, gs, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t: torch.Tensor | None, s_t: torch.Tensor | None, _qn: None, _qp: None):  # type: ignore[override]
+        r, inside = ctx.saved_tensors  # the save_for_forward tensors
+        out_t = x_t * inside if x_t is not None else None
+        if s_t is not None:
+            out_t = r * s_t if out_t is None else torch.addcmul(out_t, r, s_t)
+        return (out_t if out_t is not None else torch.zeros_like(r)), None, None
 
 
 class LSQQuantizer(nn.Module):
@@ -276,8 +350,8 @@ class LSQQuantizer(nn.Module):
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ fake quantization of ``x`` regardless of ``enabled`` (the quantizer must be initialized)."""
         s = self.effective_step(x)
-        y = torch.clamp(x / s, -self._q_n, self._q_p)
-        return round_pass(y) * s
+        # always the Function, also under no_grad: forward-mode AD (jvp) is active under no_grad too
+        return _LSQFakeQuant.apply(x, s, self._q_n, self._q_p)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` when enabled (lazy LSQ init on the first training batch), else identity."""
