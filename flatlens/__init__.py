@@ -16,11 +16,16 @@ _LAZY = {
     "Config": ("flatlens.config", "Config"),
     "load_config": ("flatlens.config", "load_config"),
     "FlatlensError": ("flatlens.errors", "FlatlensError"),
+    "Objective": ("flatlens.measure.objective", "Objective"),
+    "hessian": ("flatlens.measure.hessian", None),
+    "store": ("flatlens.store", None),
 }
+"""name -> (module, attribute); attribute None re-exports the module itself (``fl.hessian``, ``fl.store``)."""
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        mod = importlib.import_module(module)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'flatlens' has no attribute {name!r}")

@@ -180,6 +180,53 @@ def write_group(path: str | Path, name: str, datasets: Mapping[str, Any], attrs:
         _write_into(group, datasets, attrs or {})
 
 
+def _same_attr(stored: Any, new: Any) -> bool:
+    a, b = _decode(stored), _decode(attr_value(new))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        return a.shape == b.shape and bool(np.all(a == b))
+    return a == b
+
+
+def merge_group(path: str | Path, name: str, datasets: Mapping[str, Any], attrs: Mapping[str, Any], *,
+                match: Iterable[str], drop: Iterable[str] = (), drop_attr_prefixes: Iterable[str] = (),
+                finalize: Any = None) -> bool:
+    """Add or replace part of group ``name``, atomically, keeping the rest of it.
+
+    Several measures can share one group (``/hessian`` holds eigenvalues, traces and a density). When
+    the group exists and every attribute named in ``match`` (the shared provenance: split, samples,
+    parameter set, space, checkpoint...) equals the new ``attrs`` value, only the entries in ``drop``
+    (datasets or subgroups this measure owns, present or not in ``datasets``) and the attributes
+    starting with one of ``drop_attr_prefixes`` are removed before ``datasets`` and ``attrs`` are
+    written; everything else stays. Otherwise (no group, or different provenance) the whole group is
+    replaced. ``finalize(group)`` runs last inside the same transaction (e.g. to recompute totals).
+    Returns True when merged into an existing group, False when the group was (re)created.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"{p} does not exist; create it with ensure_file first")
+    keys = list(match)
+    merged = False
+    with _copy_on_write(p) as f:
+        if name in f:
+            g = f[name]
+            if all(k in g.attrs and k in attrs and _same_attr(g.attrs[k], attrs[k]) for k in keys):
+                merged = True
+                for key in set(drop) | set(datasets):
+                    if key in g:
+                        del g[key]
+                prefixes = tuple(drop_attr_prefixes)
+                for key in [k for k in g.attrs if prefixes and k.startswith(prefixes)]:
+                    del g.attrs[key]
+            else:
+                del f[name]
+        group = f.require_group(name)
+        _write_into(group, datasets, attrs)
+        if finalize is not None:
+            finalize(group)
+    return merged
+
+
 def delete_group(path: str | Path, name: str) -> None:
     with _copy_on_write(Path(path)) as f:
         if name in f:
@@ -281,6 +328,34 @@ class GridDatasets:
                 g[key][index] = v
             f.flush()
             g["done"][index] = True
+            f.flush()
+
+    def write_points(self, index: tuple[np.ndarray, ...], values: Mapping[str, np.ndarray],
+                     attrs: Mapping[str, Any] | None = None) -> None:
+        """Write scattered points (``index`` = one integer array per axis, as ``np.unravel_index``
+        gives), then their ``done`` flags, then ``attrs``, flushing after each step (one file open).
+
+        Each dataset's bounding box of the points is read, updated and written back; the other points
+        in the box get their own unchanged values back (one writer), so a kill mid-write loses nothing
+        else. Used for coarse-to-fine blocks, whose points are strided over the grid.
+        """
+        h5py = _h5py()
+        idx = tuple(np.asarray(i, dtype=np.int64) for i in index)
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+        local = tuple(i - int(i.min()) for i in idx)
+        with h5py.File(self.path, "r+") as f:
+            g = f[self.name]
+            for key, v in values.items():
+                part = g[key][box]
+                part[local] = v
+                g[key][box] = part
+            f.flush()
+            done = g["done"][box]
+            done[local] = True
+            g["done"][box] = done
+            f.flush()
+            for k, v in (attrs or {}).items():
+                g.attrs[k] = attr_value(v)
             f.flush()
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:

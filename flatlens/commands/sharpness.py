@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated measures to run: " + ", ".join(measures))
     add_objective_arguments(p)
     p.add_argument("--out", help="analysis file (default: analysis.h5 next to the checkpoint)")
+    p.add_argument("--progress-every", type=float, default=15.0,
+                   help="seconds between progress lines when stderr is not a terminal (0: every step)")
     for m in measures.values():
         m.add_arguments(p.add_argument_group(f"{m.name}: {m.help}"))
     p.set_defaults(func=run)
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         loss, acc, se = obj.loss_and_accuracy()
         t_forward = time.perf_counter() - t0
         say(f"loss {loss:.6f} ± {se:.6f}, accuracy {acc:.4f}; one pass over the samples takes {t_forward:.3f} s")
+        say(f"differentiated: {obj.differentiated}; BatchNorm in eval mode (running statistics)")
         rows: list[tuple[str, str, str]] = []
         for name in names:
             m = measures[name]
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             started = time.perf_counter()
 
             def progress(total: int, desc: str = name) -> Progress:
-                return Progress(total, 0, desc=desc, enabled=ctx.is_main, every_seconds=15)
+                return Progress(total, 0, desc=desc, enabled=ctx.is_main, every_seconds=args.progress_every)
 
             with obj.space.guard():
                 result = m.run(obj, args, RunContext(out=out, is_main=ctx.is_main, progress=progress, log=say))

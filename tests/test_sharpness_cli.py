@@ -1,0 +1,99 @@
+"""`flatlens sharpness`: predicted cost, progress, summary, the /hessian group, merging reruns, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+import flatlens as fl
+from conftest import flatlens_cmd
+from flatlens import store
+from flatlens.cli import main
+
+FAST = ["--samples", "64", "--kernel", "graph_reuse", "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def analysis(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharp") / "analysis.h5"
+    res = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), "--measures", "hessian,trace,density", *FAST,
+                       "--k", "2", "--k-bottom", "1", "--tol", "1e-4", "--max-hvp", "30", "--trace-rtol", "0",
+                       "--density-probes", "2", "--density-steps", "5", "--progress-every", "0", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
+def test_cli_prints_cost_progress_summary_and_writes_the_schema(analysis, tiny_run):
+    out, res = analysis
+    lines = res.stdout.splitlines()
+    for name in ("hessian", "trace", "density"):
+        cost = next(i for i, line in enumerate(lines) if line.startswith(f"[{name}] predicted cost:"))
+        done = next(i for i, line in enumerate(lines) if line.startswith(f"[{name}] done"))
+        assert any(line.startswith(f"{name} ") and "/" in line for line in lines[cost:done]), name  # progress
+    assert "[density] predicted cost: 10 HVPs" in res.stdout and "differentiated: float model" in res.stdout
+    summary = res.stdout[res.stdout.index("\nsummary"):]
+    for label in ("lambda_1", "lambda_2", "lambda_min", "trace", "layer traces", "spectrum", "density cost"):
+        assert label in summary, label
+    assert "Traceback" not in res.stderr
+    run = fl.load_checkpoint(tiny_run / "model.pt", data=False)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["checkpoint_sha256"] == run.sha256 and f.attrs["schema_version"] == 1
+        assert json.loads(f.attrs["config"])["model"]["width"] == 8 and "flatlens_version" in f.attrs
+    r = fl.hessian.read(out)
+    assert r["eigenvalues"].shape == (2,) and r["bottom_eigenvalues"].shape == (1,)
+    assert r["trace_samples"].shape == (10,) and r["layer_traces"].shape == (4,) and len(r["layer_names"]) == 4
+    assert r["density"]["grid"].shape == (1001,) and r["density"]["nodes"].shape == (2, 5)
+    a = r["attrs"]
+    assert a["split"] == "source-val" and a["n_samples"] == 64 and a["space"] == "latent" and a["seed"] == 0
+    assert a["eigenvalue_tol"] == 1e-4 and a["trace_rtol"] == "null" and a["trace_max_hvp"] == 30
+    assert a["n_hvp"] == a["eigenvalue_n_hvp"] + 30 + 10 and a["measures"] == ["hessian", "trace", "density"]
+    assert a["checkpoint_sha256"] == run.sha256 and a["trace_hvp_kernel"] == "graph_reuse"
+
+
+def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run, tmp_path, capsys):
+    out, _ = analysis
+    p = tmp_path / "copy.h5"
+    p.write_bytes(out.read_bytes())
+    store.write_group(p, "landscape/keep", {"loss": np.arange(3.0)}, {"measure": "landscape"})
+    before = fl.hessian.read(p)
+    rc = main(["sharpness", str(tiny_run / "model.pt"), "--measures", "trace", "--trace-method", "xtrace", *FAST,
+               "--max-hvp", "20", "--trace-rtol", "0", "--out", str(p)])
+    assert rc == 0
+    r = fl.hessian.read(p)
+    assert r["attrs"]["trace_method"] == "xtrace" and "layer_traces" not in r and "layer_by" not in r["attrs"]
+    assert np.array_equal(r["eigenvalues"], before["eigenvalues"]) and np.array_equal(
+        r["density"]["values"], before["density"]["values"])
+    assert r["attrs"]["eigenvalue_seconds"] == before["attrs"]["eigenvalue_seconds"]
+    assert store.read(p, "landscape/keep")["loss"].tolist() == [0.0, 1.0, 2.0]
+    # another split is other provenance: the whole group is replaced (the landscape group is not touched)
+    rc = main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", "--split", "env0_out", *FAST,
+               "--out", str(p)])
+    assert rc == 0
+    r = fl.hessian.read(p)
+    assert r["attrs"]["split"] == "env0_out" and "trace" not in r and "density" not in r
+    assert r["attrs"]["measures"] == ["hessian"] and "landscape" in h5py.File(p, "r")
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--measures", "hessian,flatness"], "--measures flatness unknown"),
+    (["--split", "nowhere"], "unknown split 'nowhere'"),
+    (["--space", "dequant"], "needs a quantized model"),
+    (["--out", "FOREIGN"], "not a flatlens analysis file"),
+    (["--out", "OTHER"], "holds results of another checkpoint"),
+    (["--measures", "trace", "--trace-method", "xtrace", "--layer-rtol", "0.1"], "layer_rtol needs per-layer"),
+])
+def test_bad_input_is_a_one_line_error_exit_2(tiny_run, tmp_path, capsys, extra, message):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = 1
+    other = tmp_path / "other.h5"
+    store.ensure_file(other, {"checkpoint_sha256": "f" * 64, "config": {}})
+    extra = [str(foreign) if e == "FOREIGN" else str(other) if e == "OTHER" else e for e in extra]
+    out = ["--out", str(tmp_path / "a.h5")] if "--out" not in extra else []
+    rc = main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", *FAST, "--k", "1", *out, *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
