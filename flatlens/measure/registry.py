@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 MEASURE_MODULES = (
     "flatlens.measure.hessian",
+    "flatlens.measure.landscape",
 )
 """Modules whose import registers measures (later measures add themselves here)."""
 

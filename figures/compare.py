@@ -1,0 +1,44 @@
+"""Side-by-side loss landscapes of several checkpoints (e.g. float vs QAT) on shared axes and one colour
+scale: for every landscape name the files share, overlaid curves (1-D) or panels with one colour bar
+(2-D). Reads the HDF5 files only.
+
+    python figures/compare.py runs/erm/analysis.h5 runs/qat/analysis.h5 --labels float QAT --out docs/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flatlens import plot  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", help="two or more analysis HDF5 files")
+    p.add_argument("--labels", nargs="+", default=None, help="one label per file")
+    p.add_argument("--group", default=None, help="one landscape name (default: every shared one)")
+    p.add_argument("--out", default="figures/out", help="output directory")
+    p.add_argument("--format", default="png,pdf", help="comma-separated: png, pdf, svg")
+    p.add_argument("--log", action="store_true", help="log loss axis (1-D)")
+    args = p.parse_args(argv)
+    if len(args.files) < 2:
+        p.error("give at least two files")
+    if args.labels and len(args.labels) != len(args.files):
+        p.error("give one label per file")
+    formats = [f for f in args.format.split(",") if f]
+    shared = set(plot.list_surfaces(args.files[0]))
+    for f in args.files[1:]:
+        shared &= set(plot.list_surfaces(f))
+    for name in [args.group] if args.group else sorted(shared):
+        surfaces = [plot.load_surface(f, name, args.labels[k] if args.labels else None) for k, f in enumerate(args.files)]
+        for out in plot.plot_compare(surfaces, Path(args.out) / f"compare_{name}", formats, log=args.log):
+            print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
