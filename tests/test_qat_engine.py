@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, flatlens_cmd, tiny_config
 from flatlens.checkpoint import load_checkpoint, read_checkpoint
 from flatlens.engine.loop import Trainer, train
-from flatlens.engine import distributed as D
+from flatlens import distributed as D
 from flatlens.errors import ConfigError
 from flatlens.quant import (LSQQuantizer, assert_all_trainable_in_optimizer, iter_quantizers,
                             quantizer_parameter_names)

@@ -11,7 +11,7 @@ import torch
 import flatlens as fl
 from flatlens.checkpoint import read_checkpoint, save_checkpoint
 from flatlens.config import load_config
-from flatlens.engine.distributed import DistContext
+from flatlens.distributed import DistContext
 from flatlens.engine.evaluate import evaluate
 from flatlens.engine.selection import mean_acc
 from flatlens.errors import CheckpointError, DataError

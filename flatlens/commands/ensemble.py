@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flatlens.checkpoint import atomic_write_text
-    from flatlens.engine.distributed import resolve_device
+    from flatlens.distributed import resolve_device
     from flatlens.engine.ensemble import evaluate_ensemble, format_result, load_members
     from flatlens.errors import ConfigError
 

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from flatlens.checkpoint import atomic_write_bytes, load_checkpoint
-    from flatlens.engine.distributed import resolve_device
+    from flatlens.distributed import resolve_device
     from flatlens.errors import ConfigError, FlatlensError
     from flatlens.quant import (export_integer, iter_quantizers, load_integer_export, quantized_module_names,
                                 verify_export)

@@ -17,7 +17,7 @@ from torch import nn
 
 from flatlens.config import Config, register_choices
 from flatlens.data.stream import Minibatches
-from flatlens.engine.distributed import DistContext
+from flatlens.distributed import DistContext
 from flatlens.engine.optim import build_optimizer, build_scheduler
 
 ALGORITHMS: dict[str, type["Algorithm"]] = {}

@@ -15,7 +15,7 @@ from torch import nn
 from flatlens.data.base import MultiDomainDataset
 from flatlens.data.splits import Splits
 from flatlens.data.stream import iter_eval_batches
-from flatlens.engine.distributed import DistContext, all_reduce_sum
+from flatlens.distributed import DistContext, all_reduce_sum
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from flatlens.checkpoint import save_checkpoint
 from flatlens.config import Config
 from flatlens.data import build_dataset, make_splits
 from flatlens.data.stream import TrainBatches
-from flatlens.engine import distributed as D
+from flatlens import distributed as D
 from flatlens.engine.algorithms import Algorithm, build_algorithm
 from flatlens.engine.evaluate import evaluate
 from flatlens.engine.hooks import TrainHook, build_hooks

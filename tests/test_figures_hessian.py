@@ -1,0 +1,52 @@
+"""figures/hessian_spectrum.py draws the SLQ density of several analysis files and fails cleanly without one."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import flatlens as fl
+from conftest import REPO
+from test_hessian import CASES
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("hessian_spectrum", REPO / "figures" / "hessian_spectrum.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spec")
+    out = []
+    for i, case in enumerate(("mlp", "bn_cnn")):
+        obj = CASES[case]()
+        eig = fl.hessian.eigenvalues(obj, k=2, seed=i)
+        tr = fl.hessian.trace(obj, rtol=0.1, seed=i)
+        dens = fl.hessian.density(obj, n_probes=2, n_steps=8, seed=i)
+        out.append(fl.hessian.write(d / f"{case}.h5", eig, tr, dens))
+    only_eig = fl.hessian.write(d / "eig_only.h5", fl.hessian.eigenvalues(CASES["mlp"](), k=1, seed=0))
+    return out, only_eig
+
+
+def test_spectrum_figure_is_written_and_reads_the_stored_numbers(files, tmp_path, capsys):
+    paths, _ = files
+    mod = _script()
+    s = mod.load_spectrum(paths[0])
+    stored = fl.hessian.read(paths[0])
+    assert (s["values"] == stored["density"]["values"]).all() and s["trace"] == stored["trace"]
+    assert mod.main([str(p) for p in paths] + ["--labels", "mlp", "cnn", "--out", str(tmp_path)]) == 0
+    for fmt in ("png", "pdf"):
+        f = tmp_path / f"hessian_spectrum.{fmt}"
+        assert f.stat().st_size > 5000
+    assert (tmp_path / "hessian_spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_file_without_density_is_a_one_line_error(files, tmp_path, capsys):
+    _, only_eig = files
+    assert _script().main([str(only_eig), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no density" in err and "--measures density" in err
