@@ -15,10 +15,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The demo: float ERM and 7-bit QAT on RotatedDigits (same seeds), their Hessians and loss landscapes,
+# and the figures of the README gallery (docs/figures). About 3-4 minutes on 2 CPU cores.
+DEMO_STEPS ?= 600
+DEMO_SAMPLES ?= 256
+FL := $(VENV)/bin/flatlens
 demo: $(STAMP)
-	$(VENV)/bin/flatlens train --config experiments/erm_rotated_digits.toml --out runs/demo/erm --overwrite
-	@echo "demo run written to runs/demo/erm (model.pt, results.jsonl, train.log)"
-	$(VENV)/bin/flatlens collect runs/demo
+	$(FL) train --config experiments/erm_rotated_digits.toml --set train.steps=$(DEMO_STEPS) --out runs/demo/erm --overwrite
+	$(FL) train --config experiments/qtdog_rotated_digits.toml --set train.steps=$(DEMO_STEPS) --out runs/demo/qat --overwrite
+	$(FL) collect runs/demo
+	for r in erm qat; do \
+	  $(FL) sharpness runs/demo/$$r/model.pt --measures hessian,trace,density --k 3 --samples $(DEMO_SAMPLES) --trace-rtol 0.05 --density-probes 2 --density-steps 24 || exit 1; \
+	  $(FL) landscape runs/demo/$$r/model.pt --dim 1 --range -0.5:0.5:21 --samples $(DEMO_SAMPLES) --quiet || exit 1; \
+	  $(FL) landscape runs/demo/$$r/model.pt --dim 2 --range -0.5:0.5:11 --samples $(DEMO_SAMPLES) --quiet || exit 1; \
+	done
+	$(PY) figures/hessian_spectrum.py runs/demo/erm/analysis.h5 runs/demo/qat/analysis.h5 --labels "float ERM" "QAT 7-bit" --out docs/figures --format png
+	$(PY) figures/landscape_1d.py runs/demo/erm/analysis.h5 --out docs/figures --format png
+	$(PY) figures/landscape_2d.py runs/demo/erm/analysis.h5 --out docs/figures --format png
+	$(PY) figures/compare.py runs/demo/erm/analysis.h5 runs/demo/qat/analysis.h5 --labels "float ERM" "QAT 7-bit" --out docs/figures --format png
+	@echo "demo: runs in runs/demo/{erm,qat} (model.pt, results.jsonl, analysis.h5); figures in docs/figures"
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)

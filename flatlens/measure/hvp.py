@@ -382,6 +382,13 @@ class HessianVectorProduct:
     # -- forward over reverse ----------------------------------------------------------------------
 
     def _hvp_forward_over_reverse(self, v: list[Tensor], b: int | None) -> tuple[list[Tensor], int]:
+        # torch.func's forward-mode rules for some ops (batch norm among them) are scripted lazily inside
+        # torch and emit torch.jit.script's FutureWarning on first use: torch's business, not the user's.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+            return self._hvp_forward_over_reverse_unfiltered(v, b)
+
+    def _hvp_forward_over_reverse_unfiltered(self, v: list[Tensor], b: int | None) -> tuple[list[Tensor], int]:
         acc = self._zeros_like_params(b)
         total = 0
         primal = dict(self._primal)
