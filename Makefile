@@ -31,7 +31,7 @@ demo: $(STAMP)
 	done
 	$(PY) figures/hessian_spectrum.py runs/demo/erm/analysis.h5 runs/demo/qat/analysis.h5 --labels "float ERM" "QAT 7-bit" --out docs/figures --format png
 	$(PY) figures/landscape_1d.py runs/demo/erm/analysis.h5 --out docs/figures --format png
-	$(PY) figures/landscape_2d.py runs/demo/erm/analysis.h5 --out docs/figures --format png
+	$(PY) figures/landscape_2d.py runs/demo/erm/analysis.h5 --kinds contourf,surface --out docs/figures --format png
 	$(PY) figures/compare.py runs/demo/erm/analysis.h5 runs/demo/qat/analysis.h5 --labels "float ERM" "QAT 7-bit" --out docs/figures --format png
 	@echo "demo: runs in runs/demo/{erm,qat} (model.pt, results.jsonl, analysis.h5); figures in docs/figures"
 

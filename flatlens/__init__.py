@@ -18,6 +18,7 @@ _LAZY = {
     "FlatlensError": ("flatlens.errors", "FlatlensError"),
     "Objective": ("flatlens.measure.objective", "Objective"),
     "hessian": ("flatlens.measure.hessian", None),
+    "landscape": ("flatlens.measure.landscape", None),
     "store": ("flatlens.store", None),
 }
 """name -> (module, attribute); attribute None re-exports the module itself (``fl.hessian``, ``fl.store``)."""

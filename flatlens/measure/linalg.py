@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import scipy.stats
 import torch
 from torch import Tensor
 
@@ -668,6 +667,8 @@ class TraceResult:
 
 @functools.lru_cache(maxsize=4096)
 def _t_quantile(level: float, df: int) -> float:
+    import scipy.stats  # lazily: scipy.stats costs seconds to import and only the CI needs it
+
     return float(scipy.stats.t.ppf(0.5 + level / 2.0, df)) if df >= 1 else math.inf
 
 

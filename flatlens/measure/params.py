@@ -172,10 +172,17 @@ class ParamSpace:
     @torch.no_grad()
     def set_offset(self, directions: Sequence[Sequence[Tensor]], coefficients: Sequence[float]) -> None:
         """params = origin + sum_k coefficients[k] * directions[k] (in place, foreach ops)."""
-        torch._foreach_copy_(self.params, self.origin)
-        for d, c in zip(directions, coefficients):
-            if c != 0.0:
-                torch._foreach_add_(self.params, list(d), alpha=float(c))
+        terms = [(list(d), float(c)) for d, c in zip(directions, coefficients) if c != 0.0]
+        if not terms:
+            torch._foreach_copy_(self.params, self.origin)
+            return
+        # the first term writes origin + c*d straight into the parameter (one pass instead of copy + add;
+        # the same arithmetic, so the same bits), every further term adds in place
+        first, c0 = terms[0]
+        for p, o, d in zip(self.params, self.origin, first):
+            torch.add(o, d, alpha=c0, out=p)
+        for d, c in terms[1:]:
+            torch._foreach_add_(self.params, d, alpha=c)
 
     @torch.no_grad()
     def set_values(self, values: Sequence[Tensor]) -> None:
