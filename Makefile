@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flatlens-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench bench-quick clean
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[oracle]"
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# a smoke run of every benchmark (about 2 minutes; its ratios mean nothing)
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench_qat.py --models mnist_cnn --repeats 1 --steps 2 --warmup 1
+	$(PY) benchmarks/bench_hessian.py --quick
+	$(PY) benchmarks/bench_landscape.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
