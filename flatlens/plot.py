@@ -29,22 +29,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from flatlens.errors import FlatlensError, StoreError
+from flatlens.store import _decode  # one HDF5 attribute decoder for the whole package
 
 FORMATS = ("png", "pdf", "svg")
 GROUP_PREFIX = "landscape"
 
 
 # -- reading --------------------------------------------------------------------------------------
-
-def _decode(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    if isinstance(v, np.ndarray) and v.dtype.kind in ("O", "S"):
-        return [x.decode("utf-8") if isinstance(x, bytes) else x for x in v.tolist()]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
 
 @dataclass
 class SurfaceData:
