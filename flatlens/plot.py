@@ -8,6 +8,7 @@ gives a blank 3-D figure; ``interp2d`` is gone from SciPy).
 
 * :func:`plot_1d` -- loss (± its standard error) and accuracy along a line, linear and log scale;
 * :func:`plot_2d` -- contour lines, filled contours with labelled levels, and a 3-D surface;
+* :func:`plot_spectrum` -- Hessian spectral densities (``/hessian/density``) with the top eigenvalues;
 * :func:`plot_compare` -- several surfaces (e.g. a float and a QAT checkpoint) on shared axes and one
   colour scale: overlaid curves in 1-D, side-by-side panels with one colour bar in 2-D;
 * :func:`export_loss_landscape` -- tomgoldstein/loss-landscape's surface + direction files;
@@ -29,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flatlens.errors import FlatlensError, StoreError
+from flatlens import store
 from flatlens.store import _decode  # one HDF5 attribute decoder for the whole package
 
 FORMATS = ("png", "pdf", "svg")
@@ -146,7 +148,9 @@ def _save(fig, stem: Path, formats: Sequence[str]) -> list[Path]:
         if fmt not in FORMATS:
             raise FlatlensError(f"unknown figure format {fmt!r}; choose from {', '.join(FORMATS)}")
         path = stem.with_name(f"{stem.name}.{fmt}")
-        fig.savefig(path, format=fmt)
+        tmp = path.with_name(path.name + ".tmp")  # never a half-written figure under the real name
+        fig.savefig(tmp, format=fmt)
+        tmp.replace(path)
         out.append(path)
     return out
 
@@ -370,6 +374,44 @@ def plot_file(path: str | Path, out_dir: str | Path | None = None, formats: Sequ
                 written += plot_compare([s, *others], out / f"compare_{name}", formats, vmin=vmin, vmax=vmax,
                                         n_levels=n_levels)
     return written
+
+
+# -- Hessian spectrum ---------------------------------------------------------------------------
+
+def load_spectrum(path: str | Path) -> dict[str, Any]:
+    """The SLQ density curve, top eigenvalues and trace of one file's ``/hessian`` group."""
+    if "hessian" not in store.groups(path):
+        raise FlatlensError(f"{path} has no /hessian group; run: flatlens sharpness CKPT --measures hessian,trace,density --out {path}")
+    r = store.read(path, "hessian")
+    if "density" not in r:
+        raise FlatlensError(f"{path}: /hessian has no density; add it with: flatlens sharpness CKPT --measures density --out {path}")
+    out: dict[str, Any] = {"grid": np.asarray(r["density"]["grid"], dtype=float),
+                           "values": np.asarray(r["density"]["values"], dtype=float)}
+    if "eigenvalues" in r:
+        out["eigenvalues"] = np.atleast_1d(np.asarray(r["eigenvalues"], dtype=float))
+    if "trace" in r:
+        out["trace"] = float(r["trace"])
+    return out
+
+
+def plot_spectrum(files: Sequence[str | Path], labels: Sequence[str], stem: str | Path,
+                  formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Log-density curves of several files on shared axes, each file's top eigenvalues dotted."""
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    for i, (path, label) in enumerate(zip(files, labels)):
+        s = load_spectrum(path)
+        colour = f"C{i}"
+        floor = max(float(np.max(s["values"])) * 1e-8, 1e-12)
+        text = label + (f" (tr H = {s['trace']:.3g})" if "trace" in s else "")
+        ax.semilogy(s["grid"], np.maximum(s["values"], floor), color=colour, lw=1.4, label=text)
+        for lam in s.get("eigenvalues", ()):
+            ax.axvline(lam, color=colour, ls=":", lw=1.0)
+    ax.set_xlabel("eigenvalue of the loss Hessian")
+    ax.set_ylabel("density (SLQ, Gaussian-smoothed)")
+    ax.set_title("Hessian spectral density; dotted: top Lanczos eigenvalues")
+    ax.legend(frameon=False)
+    return _save(fig, Path(stem), formats)
 
 
 # -- exports --------------------------------------------------------------------------------------

@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (faster, immune to a busy machine); restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def flatlens_cmd(*args: str, env: dict | None = None, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """Run ``python -m flatlens ARGS`` in a subprocess (as a user would) and capture its output."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

@@ -8,6 +8,7 @@ import pytest
 
 import flatlens as fl
 from conftest import REPO
+from flatlens import plot
 from test_hessian import CASES
 
 
@@ -35,7 +36,7 @@ def files(tmp_path_factory):
 def test_spectrum_figure_is_written_and_reads_the_stored_numbers(files, tmp_path, capsys):
     paths, _ = files
     mod = _script()
-    s = mod.load_spectrum(paths[0])
+    s = plot.load_spectrum(paths[0])
     stored = fl.hessian.read(paths[0])
     assert (s["values"] == stored["density"]["values"]).all() and s["trace"] == stored["trace"]
     assert mod.main([str(p) for p in paths] + ["--labels", "mlp", "cnn", "--out", str(tmp_path)]) == 0

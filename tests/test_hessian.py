@@ -18,12 +18,7 @@ from flatlens.measure.params import model_state_hash
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=50, shape=(1, 6, 6), classes=5, seed=0, bs=16):

@@ -49,8 +49,7 @@ def _pyhessian(net, batch, seed):
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(1)
+def setup(one_thread):
     net, batch = _trained_bn_cnn()
     obj = Objective(net, batches=[batch], include=("all",), kernel="graph_reuse")  # PyHessian takes every parameter
     return net, batch, obj

@@ -33,8 +33,7 @@ ALL_DATASETS = {
 
 
 @pytest.fixture(scope="module")
-def results():
-    torch.set_num_threads(1)
+def results(one_thread):
     obj = CASES["bn_cnn"]()
     eig = fl.hessian.eigenvalues(obj, k=3, k_bottom=1, seed=2)
     eig0 = fl.hessian.eigenvalues(obj, k=2, seed=2)

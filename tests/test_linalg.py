@@ -24,13 +24,7 @@ from flatlens.measure.linalg import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster and immune to a busy machine; restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sym_with_spectrum(evals, seed: int = 0) -> torch.Tensor:
