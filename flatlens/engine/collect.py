@@ -198,13 +198,14 @@ def format_tables(tables: Sequence[Table], fmt: str = "text") -> str:
         elif fmt == "markdown":
             out.append(f"**{t.title}**\n\n" + _markdown(header + ["trials"], body))
         else:
-            out.append(f"== {t.title} ==\n" + _text(header + ["trials"], body))
+            out.append(f"== {t.title} ==\n" + text_table(header + ["trials"], body))
     return "\n\n".join(out) + "\n"
 
 
-def _text(header: list[str], rows: list[list[str]]) -> str:
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned plain-text columns with a dashed rule under the header, no trailing blanks."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlens.checkpoint import Run, load_checkpoint
+from flatlens.engine.collect import text_table
 from flatlens.errors import CheckpointError, ConfigError, DataError
 
 COMBINE_MODES = ("logits", "probs")
@@ -223,7 +224,7 @@ def format_result(res: EnsembleResult) -> str:
         bits = "/".join(map(str, m.size.bits)) if m.size.bits else "32"
         rows.append([f"m{i + 1}", m.path, m.label, str(m.step), "yes" if m.quantized else "no", bits,
                      f"{m.size.size_bits / m.size.float_bits:.3f}x"])
-    lines += ["", _table(rows), ""]
+    lines += ["", text_table(rows[0], rows[1:]), ""]
     header = ["split", "domain", "role", "n", *(f"m{i + 1}" for i in range(e)), "mean", "ensemble"]
     rows = [header]
     for key in res.splits:
@@ -232,7 +233,7 @@ def format_result(res: EnsembleResult) -> str:
         accs = res.member_acc[key]
         rows.append([key, res.domains[env], role, str(res.n_samples[key]), *(f"{100 * a:.1f}" for a in accs),
                      f"{100 * sum(accs) / e:.1f}", f"{100 * res.ensemble_acc[key]:.1f}"])
-    lines += [_table(rows), ""]
+    lines += [text_table(rows[0], rows[1:]), ""]
     for which, what in (("target", "target accuracy (in splits)"), ("source-val", "source-val accuracy")):
         m, ens = res.summary(which)
         lines.append(f"{what:<28} members {' '.join(f'{100 * a:.1f}' for a in m)} (mean {100 * sum(m) / e:.1f})"
@@ -241,10 +242,3 @@ def format_result(res: EnsembleResult) -> str:
     lines.append(f"size: {e} model(s) = {res.relative_size:.3f}x one float model "
                  f"({100 * quant:.1f}% of the parameters stored quantized)")
     return "\n".join(lines) + "\n"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
