@@ -129,6 +129,16 @@ def check_file(path: str | Path, checkpoint_sha256: str | None = None) -> None:
                          "write to another --out")
 
 
+def checkpoint_provenance(run: Any | None) -> dict[str, Any]:
+    """The root attributes that tie an analysis file to its checkpoint (``flatlens.checkpoint.Run``);
+    empty identifiers when the measured model did not come from a checkpoint."""
+    if run is None:
+        return {"checkpoint_sha256": "", "checkpoint": "", "config": "{}"}
+    return {"checkpoint_sha256": run.sha256, "checkpoint": str(Path(run.path).resolve()),
+            "config": json.dumps(run.config.to_dict(), sort_keys=True), "checkpoint_step": run.step,
+            "checkpoint_kind": run.kind, "quantized": run.quantized}
+
+
 def ensure_file(path: str | Path, provenance: Mapping[str, Any]) -> Path:
     """Create the analysis file with its root attributes if missing; otherwise check it belongs to the
     same checkpoint. ``provenance``: checkpoint_sha256, checkpoint, config (dict), and anything else.

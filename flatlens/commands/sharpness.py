@@ -9,7 +9,6 @@ progress is shown while it runs, its results are written to the analysis file as
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -68,13 +67,6 @@ def build_objective(args: argparse.Namespace):
                      kernel=args.kernel, device=device)
 
 
-def provenance(obj) -> dict:
-    run = obj.run
-    return {"checkpoint_sha256": run.sha256, "checkpoint": str(Path(run.path).resolve()),
-            "config": json.dumps(run.config.to_dict(), sort_keys=True), "checkpoint_step": run.step,
-            "checkpoint_kind": run.kind, "quantized": run.quantized}
-
-
 def run(args: argparse.Namespace) -> int:
     from flatlens import distributed as D
     from flatlens import store
@@ -92,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         obj = build_objective(args)
         out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "analysis.h5"
         if ctx.is_main:
-            store.ensure_file(out, provenance(obj))
+            store.ensure_file(out, store.checkpoint_provenance(obj.run))
         say = print if ctx.is_main else (lambda *a, **k: None)
         say(f"{obj.run.path}: {obj.space.numel:,} parameters in space '{obj.space.space}' "
             f"({len(obj.space.names)} tensors), {obj.n_samples} samples of split '{obj.split}', on {obj.device}"

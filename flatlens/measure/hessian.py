@@ -54,7 +54,6 @@ per-layer and quantization terms then need ``blocks=``/are not available.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -66,6 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatlens import store
 from flatlens.errors import FlatlensError
 from flatlens.measure import linalg as L
 from flatlens.measure.params import SideEffectError
@@ -117,12 +117,7 @@ class _Source:
 
 
 def _root_provenance(obj: Any) -> dict[str, Any]:
-    run = getattr(obj, "run", None)
-    if run is None:
-        return {"checkpoint_sha256": "", "checkpoint": "", "config": "{}"}
-    return {"checkpoint_sha256": run.sha256, "checkpoint": str(Path(run.path).resolve()),
-            "config": json.dumps(run.config.to_dict(), sort_keys=True), "checkpoint_step": run.step,
-            "checkpoint_kind": run.kind, "quantized": run.quantized}
+    return store.checkpoint_provenance(getattr(obj, "run", None))
 
 
 def _source(obj: Any) -> _Source:
@@ -909,7 +904,6 @@ def write(path: str | Path, *results: _Stored) -> Path:
     space, checkpoint, seed...) differs from what the group holds: then the whole group is replaced.
     Each write is atomic (copy, fsync, rename), so a kill never leaves a broken file.
     """
-    from flatlens import store
 
     if not results:
         raise FlatlensError("write(path) got no results; pass what eigenvalues()/trace()/density() returned")
@@ -933,7 +927,6 @@ def read(path: str | Path) -> dict[str, Any]:
     own ``attrs``) and the group attributes under ``"attrs"``. Keys are those of the schema in
     ``docs/readme/hessian.md`` (e.g. ``r["eigenvalues"]``, ``r["trace"]``, ``r["density"]["values"]``,
     ``r["attrs"]["trace_n_hvp"]``); missing measures are simply absent."""
-    from flatlens import store
 
     return store.read(path, GROUP)
 

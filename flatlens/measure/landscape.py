@@ -154,15 +154,6 @@ class _BufferMover:
             torch._foreach_copy_(self.live, self.origin)
 
 
-def _provenance(obj) -> dict[str, Any]:
-    run = obj.run
-    if run is None:
-        return {"checkpoint_sha256": "", "checkpoint": ""}
-    return {"checkpoint_sha256": run.sha256, "checkpoint": str(Path(run.path).resolve()),
-            "config": json.dumps(run.config.to_dict(), sort_keys=True), "checkpoint_step": run.step,
-            "checkpoint_kind": run.kind, "quantized": run.quantized}
-
-
 def _first_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     for key in sorted(set(stored) | set(wanted)):
         if json.dumps(stored.get(key), sort_keys=True) != json.dumps(wanted.get(key), sort_keys=True):
@@ -490,7 +481,7 @@ def _open_group(obj, out, group: str, shape: tuple[int, ...], settings: dict[str
 
     from flatlens import store
 
-    path = store.ensure_file(out, _provenance(obj))
+    path = store.ensure_file(out, store.checkpoint_provenance(obj.run))
     g = store.GridDatasets(path, group)
     with h5py.File(path, "r") as f:
         present = group in f
