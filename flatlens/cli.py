@@ -26,19 +26,28 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``flatlens`` parser. Only ``command``'s own options are built (some import torch and every
+    measure); the other commands appear with their one-line help, which is all ``flatlens --help``
+    shows. ``command=None`` builds none of them in full."""
     parser = argparse.ArgumentParser(
         prog="flatlens", description="Train QAT / DG models and measure their loss surface.")
     parser.add_argument("--version", action="version", version=f"flatlens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in COMMANDS.values():
-        importlib.import_module(module).add_parser(sub)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)  # light: heavy imports live inside the functions
+        if name == command:
+            module.add_parser(sub)
+        else:
+            sub.add_parser(name, help=module.HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

@@ -6,8 +6,12 @@ import argparse
 from pathlib import Path
 
 
+HELP = "tabulate target-domain accuracy over runs"
+"""One line for ``flatlens --help`` (read without building this command's parser)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("collect", help="tabulate target-domain accuracy over runs",
+    p = sub.add_parser("collect", help=HELP,
                        description="Read every results.jsonl under DIR and print per-target-domain accuracy under "
                                    "training-domain validation, oracle and last-checkpoint selection. Quantized runs "
                                    "(quant.select_quantized_only) are selected among checkpoints taken after q_step "

@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 
 
+HELP = "evaluate an ensemble (EoQ) of checkpoints on every domain split"
+"""One line for ``flatlens --help`` (read without building this command's parser)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "ensemble", help="evaluate an ensemble (EoQ) of checkpoints on every domain split",
+        "ensemble", help=HELP,
         description="Average the members' logits (QT-DoG's EoQ, Eq. 6; default) or probabilities and report "
                     "per-member and ensemble accuracy on every env{i}_in/out split, plus the ensemble's size "
                     "relative to one float model. Members must share dataset, splits and label space.")

@@ -16,8 +16,12 @@ import sys
 from pathlib import Path
 
 
+HELP = "export a quantized checkpoint as integer codes + step sizes (.npz)"
+"""One line for ``flatlens --help`` (read without building this command's parser)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a quantized checkpoint as integer codes + step sizes (.npz)",
+    p = sub.add_parser("export", help=HELP,
                        description="Export integer weights and step sizes of a QAT checkpoint to an .npz file and "
                                    "check that the dequantized export reproduces the fake-quant forward pass.")
     p.add_argument("checkpoint", help="a checkpoint written by flatlens train with quant.enabled (e.g. model.pt)")

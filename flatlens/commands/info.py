@@ -6,8 +6,12 @@ import argparse
 import json
 
 
+HELP = "describe a checkpoint (kind, step, config, metrics)"
+"""One line for ``flatlens --help`` (read without building this command's parser)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint (kind, step, config, metrics)")
+    p = sub.add_parser("info", help=HELP)
     p.add_argument("checkpoint", help="a .pt file written by flatlens train (model.pt, last.pt, init.pt, ...)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run)

@@ -18,8 +18,12 @@ from pathlib import Path
 _NEGATIVE_RANGE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.eE+-]*:")
 
 
+HELP = "1D/2D loss surfaces (random, interpolation, plane, PCA) -> HDF5"
+"""One line for ``flatlens --help`` (read without building this command's parser)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("landscape", help="1D/2D loss surfaces (random, interpolation, plane, PCA) -> HDF5",
+    p = sub.add_parser("landscape", help=HELP,
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # let "--range -1:1:51" through as a value (argparse would take it for an option)
     p._negative_number_matcher = _NEGATIVE_RANGE

@@ -13,8 +13,12 @@ import argparse
 from pathlib import Path
 
 
+HELP = "landscape figures (PNG/PDF) and exports from an analysis file"
+"""One line for ``flatlens --help`` (read without building this command's parser)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="landscape figures (PNG/PDF) and exports from an analysis file",
+    p = sub.add_parser("plot", help=HELP,
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("file", help="analysis file written by flatlens landscape / sharpness")
     p.add_argument("--out", default=None, help="directory for the figures (default: FILE_figures next to FILE)")

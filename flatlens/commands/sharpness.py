@@ -13,11 +13,15 @@ import time
 from pathlib import Path
 
 
+HELP = "Hessian spectrum/trace, sharpness, landscapes of a checkpoint -> HDF5"
+"""One line for ``flatlens --help`` (read without building this command's parser)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from flatlens.measure.registry import builtin_measures
 
     measures = builtin_measures()
-    p = sub.add_parser("sharpness", help="Hessian spectrum/trace, sharpness, landscapes of a checkpoint -> HDF5",
+    p = sub.add_parser("sharpness", help=HELP,
                        description="Measure the loss surface around a checkpoint. Measures: " + ", ".join(measures),
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint written by flatlens train (e.g. runs/erm/model.pt)")

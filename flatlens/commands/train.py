@@ -8,8 +8,12 @@ from pathlib import Path
 from flatlens.config import config_to_toml, describe_options, load_config
 
 
+HELP = "train a model (DomainBed-style leave-one-domain-out)"
+"""One line for ``flatlens --help`` (read without building this command's parser)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (DomainBed-style leave-one-domain-out)",
+    p = sub.add_parser("train", help=HELP,
                        description="Train one run. Config = defaults <- --config TOML <- --set overrides.")
     p.add_argument("--config", help="TOML config file (sections data, model, optim, train, quant)")
     p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE",
