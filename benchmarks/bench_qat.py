@@ -17,10 +17,15 @@ Variants are interleaved (every repeat times each variant once, in a rotating or
 of the machine hit all of them alike; each repeat times ``--steps`` steps after ``--warmup`` untimed
 ones, and the reported number is the median over ``--repeats`` repeats. All in one process.
 
-Goal (issue 4): ``lsq / float <= 1.25`` on CPU and ``lsq / ao <= 1``. Results and their reading:
-``docs/readme/qat.md`` ("Speed"). Short version: MNIST-CNN ~1.0 (its weights are tiny next to its
-activations); ResNet-18 on 32x32 with batch 16 is parameter-bound and lands at ~1.25-1.4, batch 32 at
-~1.1-1.25; LSQ is 10-25% faster than ``_LearnableFakeQuantize`` on ResNet-18 and on par on MNIST-CNN.
+Two more variants calibrate the reading: ``float'`` (a second copy of the float model: the ratio
+``float'/float`` is the noise floor of this machine and run) and ``lsq8-eager`` (LSQ-8 with the fused
+numba CPU kernels of ``flatlens.quant.kernels`` switched off: what they save).
+
+Goal (issue 4): ``lsq / float <= 1.25`` on CPU and ``lsq / ao <= 1``. Results and their reading: the
+README's QAT "Speed" section. Short version: MNIST-CNN ~1.0 (its weights are tiny next to its
+activations; the spread is the noise floor); ResNet-18 on 32x32 with batch 16 is parameter-bound and
+lands at ~1.15 with the fused kernels (~1.2-1.4 without); LSQ is ~25% faster than
+``_LearnableFakeQuantize`` on ResNet-18 and on par on MNIST-CNN.
 
     python benchmarks/bench_qat.py                # both models, default sizes
     python benchmarks/bench_qat.py --models mnist_cnn --repeats 5
@@ -45,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flatlens.config import ModelConfig  # noqa: E402
 from flatlens.models import build_model  # noqa: E402
-from flatlens.quant import attach_quantizers, set_quantization_enabled  # noqa: E402
+from flatlens.quant import attach_quantizers, kernels, set_quantization_enabled  # noqa: E402
 
 MODELS = {
     # name: (arch, input shape, batch size, classes)
@@ -92,18 +97,36 @@ def wrap_ao(model: nn.Module, bits: int, keep: tuple[str, ...] = ("classifier",)
     return model
 
 
+class EagerLSQ(nn.Module):
+    """The same LSQ model with the fused numba CPU kernels switched off (torch's elementwise ops)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enabled = kernels._enabled
+        kernels._enabled = False
+        try:
+            return self.model(x)
+        finally:
+            kernels._enabled = enabled
+
+
 def build_variants(model_name: str, batch: int | None = None
                    ) -> tuple[dict[str, nn.Module], tuple[torch.Tensor, torch.Tensor]]:
     arch, shape, default_batch, classes = MODELS[model_name]
     batch = batch or default_batch
     torch.manual_seed(0)
     base = build_model(ModelConfig(arch=arch), shape, classes)
-    variants: dict[str, nn.Module] = {"float": copy.deepcopy(base)}
+    variants: dict[str, nn.Module] = {"float": copy.deepcopy(base), "float'": copy.deepcopy(base)}
     for bits in (8, 4):
         m = copy.deepcopy(base)
         attach_quantizers(m, quantize=["*"], keep_float=["classifier"], bits=bits, per_channel=True)
         set_quantization_enabled(m, True)
         variants[f"lsq{bits}"] = m
+        if bits == 8:
+            variants["lsq8-eager"] = EagerLSQ(copy.deepcopy(m))
         variants[f"ao{bits}"] = wrap_ao(copy.deepcopy(base), bits)
     g = torch.Generator().manual_seed(1)
     x = torch.randn((batch, *shape), generator=g)
@@ -177,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = res["wall"], res["cpu"]
         print(f"\n{name} (input {shape}, batch {batch}): ms per training step, median (wall | cpu)")
         for k in wall:
-            print(f"  {k:<6} {1000 * wall[k]:9.2f} | {1000 * cpu[k]:9.2f}")
+            print(f"  {k:<10} {1000 * wall[k]:9.2f} | {1000 * cpu[k]:9.2f}")
+        f2 = "float'"
+        print(f"  noise floor: float'/float = {wall[f2] / wall['float']:.3f} wall, "
+              f"{cpu[f2] / cpu['float']:.3f} cpu (the same model timed twice)")
+        if kernels.numba is not None:
+            print(f"  fused kernels: LSQ-8 eager/fused = {wall['lsq8-eager'] / wall['lsq8']:.3f} wall, "
+                  f"{cpu['lsq8-eager'] / cpu['lsq8']:.3f} cpu")
         for bits in (8, 4):
             for clock, t in (("wall", wall), ("cpu", cpu)):
                 q, ao, fl = t[f"lsq{bits}"], t[f"ao{bits}"], t["float"]

@@ -37,7 +37,9 @@ plain-op form too (its ``d r / d(x, s)`` cancels to 0), so double backward gives
 before (checked to 1e-15); forward-mode AD has its own ``jvp`` rule; ``torch.func`` transforms
 (``grad``, ``jvp``, ``vmap``) are supported (``setup_context``, ``generate_vmap_rule``).
 ``round_pass(y) = y + (round(y) - y).detach()`` is kept as a helper (value exactly ``round(y)``,
-gradient 1).
+gradient 1). On CPU the forward and the first-order backward of large contiguous tensors (a layer's
+weights) run as single numba loops (:mod:`flatlens.quant.kernels`: same values bitwise, buffers reused
+between steps); the double backward, CUDA and the ``torch.func`` transforms use the torch ops.
 
 What an HVP through this quantizer means: it is the Jacobian of the *straight-through surrogate*
 gradient, not the Hessian of the (piecewise-constant in the weights) quantized loss. For the weight
@@ -56,6 +58,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from flatlens.quant import kernels
 
 GradScaleN = Literal["tensor", "channel"]
 
@@ -106,7 +110,12 @@ class _LSQFakeQuant(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int):  # type: ignore[override]
+    def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int,  # type: ignore[override]
+                pool: kernels.BufferPool | None = None):
+        if kernels.applicable(x, s):  # one fused pass on CPU, bitwise equal to the ops below
+            fused = kernels.forward(x, s, q_n, q_p, pool)
+            if fused is not None:
+                return fused
         y = x / s
         q = torch.clamp(y, -q_n, q_p)
         try:  # 1. where the clamp changed nothing, else 0. (one pass; a bool mask + cast costs two)
@@ -125,25 +134,32 @@ class _LSQFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: D401 - torch hook
-        _, s, _, _ = inputs
+        _, s, _, _, pool = inputs
+        ctx.pool = pool
         _, r, inside = output
         ctx.mark_non_differentiable(r, inside)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the by-products r, inside
         ctx.save_for_backward(r, inside)
         ctx.save_for_forward(r, inside)
         ctx.s_shape = s.shape
+        ctx.fused_ok = kernels.applicable(r, s) and inside.is_contiguous() and r.is_contiguous()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor, _gr: torch.Tensor | None, _gi: torch.Tensor | None):  # type: ignore[override]
         r, inside = ctx.saved_tensors
         if g is None:  # only the by-products were used downstream
-            return None, None, None, None
+            return None, None, None, None, None
+        if ctx.fused_ok and not torch.is_grad_enabled():  # first-order backward: one fused CPU pass
+            fused = kernels.backward(g, r, inside, ctx.s_shape, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                     ctx.pool)
+            if fused is not None:
+                return fused[0], fused[1], None, None, None
         gx = g * inside if ctx.needs_input_grad[0] else None
         gs = (g * r).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
-        return gx, gs, None, None
+        return gx, gs, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_t: torch.Tensor | None, s_t: torch.Tensor | None, _qn: None, _qp: None):  # type: ignore[override]
+    def jvp(ctx, x_t: torch.Tensor | None, s_t: torch.Tensor | None, _qn: None, _qp: None, _pool: None):  # type: ignore[override]
         r, inside = ctx.saved_tensors  # the save_for_forward tensors
         out_t = x_t * inside if x_t is not None else None
         if s_t is not None:
@@ -230,6 +246,7 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False, device=device))
         self._enabled = bool(enabled)
         self._initialized = False
+        self._pool = kernels.BufferPool()  # reused output buffers of the fused CPU kernel
 
     # ------------------------------------------------------------------ range
     @property
@@ -351,7 +368,7 @@ class LSQQuantizer(nn.Module):
         """LSQ fake quantization of ``x`` regardless of ``enabled`` (the quantizer must be initialized)."""
         s = self.effective_step(x)
         # always the Function, also under no_grad: forward-mode AD (jvp) is active under no_grad too
-        return _LSQFakeQuant.apply(x, s, self._q_n, self._q_p)[0]
+        return _LSQFakeQuant.apply(x, s, self._q_n, self._q_p, self._pool)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` when enabled (lazy LSQ init on the first training batch), else identity."""
