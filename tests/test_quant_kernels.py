@@ -57,9 +57,17 @@ def test_fused_forward_bitwise_and_gradients_equal_eager(monkeypatch, bits, sign
     s = q.effective_step(x)
     assert kernels.applicable(x, s)
     fused = kernels.forward(x, s.detach(), q.q_n, q.q_p)
-    ref = eager(monkeypatch, lambda: lsq_mod._LSQFakeQuant.forward(x, s.detach(), q.q_n, q.q_p))
-    for a, b in zip(fused, ref):
-        assert torch.equal(a, b)
+    ref = lsq_mod._LSQFakeQuant.forward(x, s.detach(), q.q_n, q.q_p)[0]
+    assert torch.equal(fused, ref)
+    # the backward kernel alone: dx bitwise, ds to rounding, against the eager formulas
+    g = torch.randn(x.shape, generator=gen(7), dtype=dtype)
+    _, r, inside = lsq_mod._LSQFakeQuant.forward(x, s.detach(), q.q_n, q.q_p)
+    gx, gs = kernels.backward(g, x, s.detach(), q.q_n, q.q_p, True, True)
+    assert torch.equal(gx, g * inside)
+    ref_gs = (g.double() * r.double()).sum_to_size(s.shape)  # float64 reference
+    torch.testing.assert_close(gs.double(), ref_gs, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    gx_only, none = kernels.backward(g, x, s.detach(), q.q_n, q.q_p, True, False)
+    assert torch.equal(gx_only, gx) and none is None
 
     up = torch.randn(x.shape, generator=gen(1), dtype=dtype)
 
@@ -156,6 +164,8 @@ def test_contended_lock_falls_back_to_eager_with_the_same_values():
         with torch.no_grad():
             got = q.fake_quantize(x)
         assert kernels.forward(x, q.effective_step(x).detach(), q.q_n, q.q_p) is None
+        g = torch.ones_like(x)
+        assert kernels.backward(g, x, q.effective_step(x).detach(), q.q_n, q.q_p, True, True) is None
     finally:
         kernels._lock.release()
     assert torch.equal(got, expected)
@@ -247,3 +257,29 @@ def test_training_steps_with_pooled_gradients_match_eager(monkeypatch, set_to_no
     ref = eager(monkeypatch, run)
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_mode_ad_through_the_fused_function_matches_eager(monkeypatch):
+    import torch.autograd.forward_ad as fwAD
+
+    x = data(torch.float64)
+    q = quantizer(5, True, True, torch.float64, x)
+    tx = torch.randn(x.shape, generator=gen(8), dtype=torch.float64)
+    ts = torch.randn(q.step_size.shape, generator=gen(9), dtype=torch.float64)
+
+    def tangent():
+        with torch.no_grad(), fwAD.dual_level():
+            s0 = q.step_size.detach().clone()
+            dual_x = fwAD.make_dual(x, tx)
+            q.step_size.data = fwAD.make_dual(s0, ts)  # the step size carries a tangent too
+            try:
+                out = q.fake_quantize(dual_x)
+                return fwAD.unpack_dual(out).tangent.clone()
+            finally:
+                q.step_size.data = s0
+
+    assert kernels.applicable(x, q.effective_step(x))
+    fused = tangent()
+    ref = eager(monkeypatch, tangent)
+    torch.testing.assert_close(fused, ref, rtol=0, atol=0)
+    assert float(fused.abs().sum()) > 0

@@ -1,26 +1,28 @@
-"""Fused CPU kernels for the LSQ fake-quantizer (numba), used by :class:`flatlens.quant.lsq._LSQFakeQuant`.
+"""Fused CPU kernels for the LSQ fake-quantizer (numba), used by :class:`flatlens.quant.lsq._LSQFakeQuantFused`.
 
 Why: on CPU the QAT step of a parameter-heavy net (ResNet-18 at small batch) is bound by passes over
 the weights. The eager LSQ forward is six elementwise torch ops (``x/s``, ``clamp``, ``eq``,
-``round_``, ``*s``, ``addcmul_``: about 15 memory streams) and its backward two more plus a
-reduction; with a per-channel step size torch's broadcasting kernels are also slow. One numba loop
-reads ``x`` once and writes ``v_hat``, ``r`` and the in-range mask (4 streams); the backward reads
-``g``, ``r`` and the mask once, writes ``dx`` and reduces ``ds`` per channel in the same pass.
+``round_``, ``*s``, ``addcmul_``: about 15 memory streams, and two weight-sized by-products, the
+in-range mask and ``r = d v_hat / d s``, kept for the backward), its backward two more ops plus a
+reduction; with a per-channel step size torch's broadcasting kernels are also slow. Here the forward
+is one loop that reads ``x`` and writes ``v_hat`` (2 streams); the backward is one loop that reads the
+upstream gradient ``g`` and ``x``, recomputes the mask and ``r`` on the fly, writes ``dx`` and sums
+``ds`` per channel (3 streams). Nothing weight-sized is stored between forward and backward.
 
-Exactness: the forward does the same IEEE float operations in the same order as the eager code
-(``y = x / s``, clamp, ``y == clamp(y)``, round half to even, ``q * s``, ``q - y * inside``), so its
-three outputs are bitwise equal to the eager ones (tested). The backward's ``dx`` is bitwise equal;
-``ds`` is summed in float64 per block and then per channel, a different (more accurate) order than
-torch's float32 reduction, so it agrees to rounding.
+Exactness: both loops do the eager op's IEEE float operations in its order (``y = x / s``, clamp,
+``y == clamp(y)``, round half to even, ``q * s``, ``q - y * inside``), so ``v_hat`` and ``dx`` are
+bitwise equal to the eager ones (tested); ``ds`` is summed in float64 per block and then per channel,
+a different (more accurate) order than torch's float32 reduction, so it agrees to rounding.
 
-When they run (:func:`applicable`): numba importable, CPU float32/float64 tensors, contiguous ``x``,
-a step size per tensor or per channel along dim 0, plain tensors (not inside ``torch.func``/``vmap``
-transforms), and not called concurrently from another Python thread (numba's default ``workqueue``
-threading layer aborts on concurrent launches, so a lock is taken and a contended call falls back to
-the eager ops). Everything else -- CUDA, other channel dims, double backward (``create_graph``) --
-uses the eager ops in :mod:`flatlens.quant.lsq`. ``FLATLENS_FUSED_LSQ=0`` disables the kernels.
-The kernels use as many threads as ``torch.get_num_threads()``. The first call compiles them (about
-a second per dtype; cached on disk by numba afterwards).
+When they run (:func:`applicable`): numba importable, CPU float32/float64 tensors of at least
+:data:`MIN_NUMEL` elements, contiguous ``x``, a step size per tensor or per channel along dim 0, plain
+tensors (not inside ``torch.func``/``vmap`` transforms), and not called concurrently from another
+Python thread (a lock is taken -- numba's threading layers do not all allow concurrent launches --
+and a contended call uses the eager ops). Everything else -- CUDA, other channel dims, a
+differentiable backward (``create_graph``), forward-mode AD -- uses the eager ops of
+:mod:`flatlens.quant.lsq`. ``FLATLENS_FUSED_LSQ=0`` disables the kernels. The kernels use as many
+threads as ``torch.get_num_threads()``. The first call compiles them (seconds; cached on disk by
+numba afterwards).
 """
 
 from __future__ import annotations
@@ -49,11 +51,22 @@ _enabled = os.environ.get("FLATLENS_FUSED_LSQ", "1") not in ("0", "false", "Fals
 
 if numba is not None:
 
+    @njit(inline="always")
+    def _quant(x, sc, q_n, q_p, magic, one, zero):  # pragma: no cover - compiled
+        """``(q, y, inside)`` of one element: the eager op's float operations, in its order.
+
+        q_n, q_p, magic come in x's dtype so every operation stays in it (and vectorizes). Round half
+        to even without a libm call: ``(q + magic) - magic`` with ``magic = 1.5 * 2^(p-1)`` (p mantissa
+        bits) rounds exactly like rint for ``|q| < 2^(p-2)`` (here ``|q| <= 2^8``)."""
+        y = x / sc
+        q = y
+        q = -q_n if q < -q_n else q
+        q = q_p if q > q_p else q
+        ins = one if q == y else zero
+        return (q + magic) - magic, y, ins
+
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-    def _forward(x, s, k, q_n, q_p, magic, out, r, inside):  # pragma: no cover - compiled
-        # q_n, q_p, magic arrive in x's dtype so that every operation stays in it (and vectorizes).
-        # Round half to even without a libm call: (q + magic) - magic with magic = 1.5 * 2^(p-1)
-        # (p = mantissa bits) rounds exactly like rint for |q| < 2^(p-2) (here |q| <= 2^8).
+    def _forward(x, s, k, q_n, q_p, magic, out):  # pragma: no cover - compiled
         nb = (k + BLOCK - 1) // BLOCK
         one = magic - magic + 1
         zero = magic - magic
@@ -62,34 +75,35 @@ if numba is not None:
             lo = c * k + (t - c * nb) * BLOCK
             hi = min(lo + BLOCK, (c + 1) * k)
             sc = s[c]
-            xs, os_, rs, ins_ = x[lo:hi], out[lo:hi], r[lo:hi], inside[lo:hi]
+            xs, os_ = x[lo:hi], out[lo:hi]
             for j in range(hi - lo):
-                y = xs[j] / sc
-                q = y
-                q = -q_n if q < -q_n else q
-                q = q_p if q > q_p else q
-                ins = one if q == y else zero
-                qr = (q + magic) - magic
+                qr, _, _ = _quant(xs[j], sc, q_n, q_p, magic, one, zero)
                 os_[j] = qr * sc
-                rs[j] = qr - y * ins
-                ins_[j] = ins
 
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
-    def _backward(g, r, inside, k, n_channels, gx, partial, want_gx, want_gs):  # pragma: no cover
+    def _backward(g, x, s, k, q_n, q_p, magic, gx, partial, want_gx, want_gs):  # pragma: no cover
+        # dx = g * inside; ds = sum(g * r) per channel with r = round(q) - y inside, round(q) outside
         nb = (k + BLOCK - 1) // BLOCK
-        for t in prange(n_channels * nb):
+        one = magic - magic + 1
+        zero = magic - magic
+        for t in prange(s.size * nb):
             c = t // nb
             lo = c * k + (t - c * nb) * BLOCK
             hi = min(lo + BLOCK, (c + 1) * k)
+            sc = s[c]
             acc = 0.0
-            gs_, rs, ins_ = g[lo:hi], r[lo:hi], inside[lo:hi]
+            gs_, xs = g[lo:hi], x[lo:hi]
             if want_gx:
                 gxs = gx[lo:hi]
                 for j in range(hi - lo):
-                    gxs[j] = gs_[j] * ins_[j]
-            if want_gs:
+                    qr, y, ins = _quant(xs[j], sc, q_n, q_p, magic, one, zero)
+                    gj = gs_[j]
+                    gxs[j] = gj * ins
+                    acc += gj * (qr - y * ins)
+            elif want_gs:
                 for j in range(hi - lo):
-                    acc += gs_[j] * rs[j]
+                    qr, y, ins = _quant(xs[j], sc, q_n, q_p, magic, one, zero)
+                    acc += gs_[j] * (qr - y * ins)
             partial[t] = acc
 
 
@@ -173,50 +187,53 @@ class BufferPool:
         self.clear()
 
 
+def _scalars(dtype: torch.dtype, q_n: int, q_p: int) -> tuple:
+    npt = np.float32 if dtype == torch.float32 else np.float64
+    return npt(q_n), npt(q_p), npt(1.5 * 2.0 ** (23 if dtype == torch.float32 else 52))
+
+
 def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, pool: BufferPool | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(v_hat, r, inside)`` of :class:`~flatlens.quant.lsq._LSQFakeQuant`, or None (use the eager ops)."""
+            ) -> torch.Tensor | None:
+    """``v_hat`` of the LSQ op (bitwise the eager value), or None (the kernels are busy: use the eager ops)."""
     if not _lock.acquire(blocking=False):
         return None
     try:
         _threads()
         xd = x.detach()
         sd = s.detach().reshape(-1).contiguous()
-        if pool is not None:
-            out, r, inside = pool.take("forward", xd, 3)
-        else:
-            out, r, inside = torch.empty_like(xd), torch.empty_like(xd), torch.empty_like(xd)
-        k = xd.numel() // sd.numel()
-        npt = np.float32 if xd.dtype == torch.float32 else np.float64
-        magic = npt(1.5 * 2.0 ** (23 if xd.dtype == torch.float32 else 52))
-        _forward(xd.view(-1).numpy(), sd.numpy(), k, npt(q_n), npt(q_p), magic,
-                 out.view(-1).numpy(), r.view(-1).numpy(), inside.view(-1).numpy())
-        return out, r, inside
+        out = pool.take("forward", xd, 1)[0] if pool is not None else torch.empty_like(xd)
+        _forward(xd.view(-1).numpy(), sd.numpy(), xd.numel() // sd.numel(), *_scalars(xd.dtype, q_n, q_p),
+                 out.view(-1).numpy())
+        return out
     finally:
         _lock.release()
 
 
-def backward(g: torch.Tensor, r: torch.Tensor, inside: torch.Tensor, s_shape: torch.Size, want_gx: bool,
-             want_gs: bool, pool: BufferPool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-    """``(dx, ds)`` for the upstream gradient ``g`` (``ds`` in ``s_shape``), or None (use the eager ops)."""
-    if not _is_plain(g) or g.dtype != r.dtype or g.shape != r.shape or g.device != r.device:
+def backward(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, want_gx: bool,
+             want_gs: bool, pool: BufferPool | None = None
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """LSQ's ``(dx, ds)`` for the upstream gradient ``g`` (``ds`` shaped like ``s``), recomputing the
+    in-range mask and ``r`` from ``(x, s)`` in the same pass; None: use the eager ops."""
+    if not _is_plain(g) or g.dtype != x.dtype or g.shape != x.shape or g.device != x.device:
         return None
     if not _lock.acquire(blocking=False):
         return None
     try:
         _threads()
         g = g.detach().contiguous()
-        n_s = int(np.prod(s_shape)) if len(s_shape) else 1
-        k = r.numel() // n_s
+        xd = x.detach()
+        sd = s.detach().reshape(-1).contiguous()
+        k = xd.numel() // sd.numel()
         nb = (k + BLOCK - 1) // BLOCK
         if not want_gx:
             gx = g.new_empty(1)
         else:
             gx = pool.take("backward", g, 1)[0] if pool is not None else torch.empty_like(g)
-        partial = np.zeros(n_s * nb, dtype=np.float64)
-        _backward(g.view(-1).numpy(), r.view(-1).numpy(), inside.view(-1).numpy(), k, n_s, gx.view(-1).numpy(),
-                  partial, want_gx, want_gs)
-        gs = torch.from_numpy(partial.reshape(n_s, nb).sum(axis=1)).to(r.dtype).reshape(s_shape) if want_gs else None
+        partial = np.zeros(sd.numel() * nb, dtype=np.float64)
+        _backward(g.view(-1).numpy(), xd.view(-1).numpy(), sd.numpy(), k, *_scalars(xd.dtype, q_n, q_p),
+                  gx.view(-1).numpy(), partial, want_gx, want_gs)
+        gs = (torch.from_numpy(partial.reshape(sd.numel(), nb).sum(axis=1)).to(s.dtype).reshape(s.shape)
+              if want_gs else None)
         return (gx if want_gx else None), gs
     finally:
         _lock.release()

@@ -110,12 +110,7 @@ class _LSQFakeQuant(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int,  # type: ignore[override]
-                pool: kernels.BufferPool | None = None):
-        if kernels.applicable(x, s):  # one fused pass on CPU, bitwise equal to the ops below
-            fused = kernels.forward(x, s, q_n, q_p, pool)
-            if fused is not None:
-                return fused
+    def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int):  # type: ignore[override]
         y = x / s
         q = torch.clamp(y, -q_n, q_p)
         try:  # 1. where the clamp changed nothing, else 0. (one pass; a bool mask + cast costs two)
@@ -134,37 +129,94 @@ class _LSQFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: D401 - torch hook
-        _, s, _, _, pool = inputs
-        ctx.pool = pool
+        _, s, _, _ = inputs
         _, r, inside = output
         ctx.mark_non_differentiable(r, inside)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the by-products r, inside
         ctx.save_for_backward(r, inside)
         ctx.save_for_forward(r, inside)
         ctx.s_shape = s.shape
-        ctx.fused_ok = kernels.applicable(r, s) and inside.is_contiguous() and r.is_contiguous()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor, _gr: torch.Tensor | None, _gi: torch.Tensor | None):  # type: ignore[override]
         r, inside = ctx.saved_tensors
         if g is None:  # only the by-products were used downstream
-            return None, None, None, None, None
-        if ctx.fused_ok and not torch.is_grad_enabled():  # first-order backward: one fused CPU pass
-            fused = kernels.backward(g, r, inside, ctx.s_shape, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                     ctx.pool)
+            return None, None, None, None
+        return (*_lsq_backward(g, r, inside, ctx.s_shape, ctx.needs_input_grad), None, None)
+
+    @staticmethod
+    def jvp(ctx, x_t: torch.Tensor | None, s_t: torch.Tensor | None, _qn: None, _qp: None):  # type: ignore[override]
+        r, inside = ctx.saved_tensors  # the save_for_forward tensors
+        return _lsq_jvp(x_t, s_t, r, inside), None, None
+
+
+def _lsq_backward(g: torch.Tensor, r: torch.Tensor, inside: torch.Tensor, s_shape: torch.Size,
+                  needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """LSQ's ``(dx, ds)`` from the upstream gradient and the by-products (differentiable in ``g``)."""
+    gx = g * inside if needs[0] else None
+    gs = (g * r).sum_to_size(s_shape) if needs[1] else None
+    return gx, gs
+
+
+def _lsq_jvp(x_t: torch.Tensor | None, s_t: torch.Tensor | None, r: torch.Tensor,
+             inside: torch.Tensor) -> torch.Tensor:
+    """Forward-mode derivative ``inside * dx + r * ds``."""
+    out_t = x_t * inside if x_t is not None else None
+    if s_t is not None:
+        out_t = r * s_t if out_t is None else torch.addcmul(out_t, r, s_t)
+    return out_t if out_t is not None else torch.zeros_like(r)
+
+
+class _LSQFakeQuantFused(torch.autograd.Function):
+    """The op of :class:`_LSQFakeQuant` through the numba CPU kernels of :mod:`flatlens.quant.kernels`.
+
+    Used for plain CPU tensors where :func:`kernels.applicable` holds (a layer's weights). The forward
+    writes only ``v_hat`` (bitwise equal to the eager op) and saves ``(x, s)``; the first-order backward
+    recomputes the in-range mask and ``r`` inside its one pass over ``(g, x)``, so no weight-sized
+    by-products are stored between forward and backward (5 memory streams per step instead of 8).
+    A differentiable backward (``create_graph``, the Hessian tools) and forward mode recompute ``r``
+    and the mask with the eager ops, as constants, and then apply the same formulas as
+    :class:`_LSQFakeQuant`, so HVPs are unchanged. ``pool``: the quantizer's reusable buffers.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int,  # type: ignore[override]
+                pool: kernels.BufferPool | None):
+        out = kernels.forward(x, s, q_n, q_p, pool)
+        if out is None:  # kernels busy in another thread: the eager ops, same values
+            out = _LSQFakeQuant.forward(x, s, q_n, q_p)[0]
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: D401 - torch hook
+        x, s, q_n, q_p, pool = inputs
+        ctx.save_for_backward(x, s)
+        ctx.save_for_forward(x, s)
+        ctx.q_range = (q_n, q_p)
+        ctx.pool = pool
+
+    @staticmethod
+    def _byproducts(ctx, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            _, r, inside = _LSQFakeQuant.forward(x.detach(), s.detach(), *ctx.q_range)
+        return r, inside
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, s = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if not torch.is_grad_enabled():  # first-order backward: one fused pass
+            fused = kernels.backward(g, x, s, *ctx.q_range, needs[0], needs[1], ctx.pool)
             if fused is not None:
                 return fused[0], fused[1], None, None, None
-        gx = g * inside if ctx.needs_input_grad[0] else None
-        gs = (g * r).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
-        return gx, gs, None, None, None
+        r, inside = _LSQFakeQuantFused._byproducts(ctx, x, s)
+        return (*_lsq_backward(g, r, inside, s.shape, needs), None, None, None)
 
     @staticmethod
     def jvp(ctx, x_t: torch.Tensor | None, s_t: torch.Tensor | None, _qn: None, _qp: None, _pool: None):  # type: ignore[override]
-        r, inside = ctx.saved_tensors  # the save_for_forward tensors
-        out_t = x_t * inside if x_t is not None else None
-        if s_t is not None:
-            out_t = r * s_t if out_t is None else torch.addcmul(out_t, r, s_t)
-        return (out_t if out_t is not None else torch.zeros_like(r)), None, None
+        x, s = ctx.saved_tensors
+        r, inside = _LSQFakeQuantFused._byproducts(ctx, x, s)
+        return _lsq_jvp(x_t, s_t, r, inside)
 
 
 class LSQQuantizer(nn.Module):
@@ -368,7 +420,9 @@ class LSQQuantizer(nn.Module):
         """LSQ fake quantization of ``x`` regardless of ``enabled`` (the quantizer must be initialized)."""
         s = self.effective_step(x)
         # always the Function, also under no_grad: forward-mode AD (jvp) is active under no_grad too
-        return _LSQFakeQuant.apply(x, s, self._q_n, self._q_p, self._pool)[0]
+        if kernels.applicable(x, s):  # a layer's weights on CPU: one fused pass (bitwise the same values)
+            return _LSQFakeQuantFused.apply(x, s, self._q_n, self._q_p, self._pool)
+        return _LSQFakeQuant.apply(x, s, self._q_n, self._q_p)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` when enabled (lazy LSQ init on the first training batch), else identity."""
