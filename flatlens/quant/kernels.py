@@ -36,6 +36,11 @@ import torch
 try:  # numba is a dependency; a broken install (e.g. a numpy it does not support) must not break QAT
     import numba
     from numba import njit, prange
+
+    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+        # numba's own thread pool, not a second OpenMP runtime beside torch's (with the "omp" layer, a
+        # later in-process training run was not bitwise reproducible); the lock below serializes launches
+        numba.config.THREADING_LAYER = "workqueue"
 except Exception:  # noqa: BLE001 - any import failure means "no fused kernels"
     numba = None
 
