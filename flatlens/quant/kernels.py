@@ -70,15 +70,20 @@ if numba is not None:
         ins = one if q == y else zero
         return (q + magic) - magic, y, ins
 
+    @njit(inline="always")
+    def _block(t, nb, k):  # pragma: no cover - compiled
+        """Work item ``t``: channel ``c`` and its element range ``[lo, hi)`` (``nb`` items per channel of ``k``)."""
+        c = t // nb
+        lo = c * k + (t - c * nb) * BLOCK
+        return c, lo, min(lo + BLOCK, (c + 1) * k)
+
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
     def _forward(x, s, k, q_n, q_p, magic, out):  # pragma: no cover - compiled
         nb = (k + BLOCK - 1) // BLOCK
         one = magic - magic + 1
         zero = magic - magic
         for t in prange(s.size * nb):
-            c = t // nb
-            lo = c * k + (t - c * nb) * BLOCK
-            hi = min(lo + BLOCK, (c + 1) * k)
+            c, lo, hi = _block(t, nb, k)
             sc = s[c]
             xs, os_ = x[lo:hi], out[lo:hi]
             for j in range(hi - lo):
@@ -92,9 +97,7 @@ if numba is not None:
         one = magic - magic + 1
         zero = magic - magic
         for t in prange(s.size * nb):
-            c = t // nb
-            lo = c * k + (t - c * nb) * BLOCK
-            hi = min(lo + BLOCK, (c + 1) * k)
+            c, lo, hi = _block(t, nb, k)
             sc = s[c]
             acc = 0.0
             gs_, xs = g[lo:hi], x[lo:hi]
@@ -149,34 +152,34 @@ def _uses(t: torch.Tensor) -> int:
 
 
 class BufferPool:
-    """Reusable weight-sized buffers of one quantizer: the forward's ``(v_hat, r, inside)`` and the
-    backward's ``dx``, each set kept under its own name.
+    """Reusable weight-sized buffers of one quantizer: the forward's ``v_hat`` and the backward's ``dx``,
+    one buffer per name.
 
     Why: a fresh weight-sized tensor is a fresh mapping whose first touch page-faults, and on a VM
     those faults cost more than the kernel itself (ResNet-18, 11 M weights: 66 ms fresh vs 11 ms
-    reused). A set is handed out again only when nothing but the pool holds its storage (the previous
-    step's autograd graph, every returned tensor and a ``.grad`` that took ``dx`` are gone: checked with
-    the storage's use count); otherwise fresh tensors are allocated (and not pooled), so overlapping
-    forwards (two forwards before one backward, a kept output or gradient) stay correct. Not copied by
-    ``copy.deepcopy`` or pickling.
+    reused). A buffer is handed out again only when nothing but the pool holds its storage (the
+    previous step's autograd graph, every returned tensor and a ``.grad`` that took ``dx`` are gone:
+    checked with the storage's use count); otherwise a fresh tensor is allocated (and not pooled), so
+    overlapping forwards (two forwards before one backward, a kept output or gradient) stay correct.
+    Not copied by ``copy.deepcopy`` or pickling.
     """
 
     def __init__(self) -> None:
-        self.sets: dict[str, tuple[tuple, tuple[torch.Tensor, ...], tuple[int, ...]]] = {}
+        self.sets: dict[str, tuple[tuple, torch.Tensor, int]] = {}
 
-    def take(self, name: str, like: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
-        """``count`` empty contiguous tensors like ``like`` (detached views of pooled storage when free)."""
+    def take(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """An empty contiguous tensor like ``like`` (a detached view of pooled storage when free)."""
         if _storage_use_count is None:
-            return tuple(torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(count))
-        key = (tuple(like.shape), like.dtype, like.device, count)
+            return torch.empty_like(like, memory_format=torch.contiguous_format)
+        key = (tuple(like.shape), like.dtype, like.device)
         old = self.sets.get(name)
-        if old is not None and old[0] == key and all(_uses(b) == n for b, n in zip(old[1], old[2])):
-            return tuple(b.detach() for b in old[1])
-        fresh = tuple(torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(count))
+        if old is not None and old[0] == key and _uses(old[1]) == old[2]:
+            return old[1].detach()
+        fresh = torch.empty_like(like, memory_format=torch.contiguous_format)
         if old is not None and old[0] == key:
-            return fresh  # the pooled set is busy: do not pool a second one
-        self.sets[name] = (key, fresh, tuple(_uses(b) for b in fresh))
-        return tuple(b.detach() for b in fresh)
+            return fresh  # the pooled buffer is busy: do not pool a second one
+        self.sets[name] = (key, fresh, _uses(fresh))
+        return fresh.detach()
 
     def clear(self) -> None:
         """Drop the buffers (memory returns when their last user is gone)."""
@@ -190,6 +193,10 @@ class BufferPool:
 
     def __setstate__(self, state: dict) -> None:
         self.clear()
+
+
+def _buffer(pool: BufferPool | None, name: str, like: torch.Tensor) -> torch.Tensor:
+    return pool.take(name, like) if pool is not None else torch.empty_like(like)
 
 
 def _scalars(dtype: torch.dtype, q_n: int, q_p: int) -> tuple:
@@ -206,7 +213,7 @@ def forward(x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, pool: BufferPo
         _threads()
         xd = x.detach()
         sd = s.detach().reshape(-1).contiguous()
-        out = pool.take("forward", xd, 1)[0] if pool is not None else torch.empty_like(xd)
+        out = _buffer(pool, "forward", xd)
         _forward(xd.view(-1).numpy(), sd.numpy(), xd.numel() // sd.numel(), *_scalars(xd.dtype, q_n, q_p),
                  out.view(-1).numpy())
         return out
@@ -230,10 +237,7 @@ def backward(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, q_n: int, q_p: i
         sd = s.detach().reshape(-1).contiguous()
         k = xd.numel() // sd.numel()
         nb = (k + BLOCK - 1) // BLOCK
-        if not want_gx:
-            gx = g.new_empty(1)
-        else:
-            gx = pool.take("backward", g, 1)[0] if pool is not None else torch.empty_like(g)
+        gx = _buffer(pool, "backward", g) if want_gx else g.new_empty(1)
         partial = np.zeros(sd.numel() * nb, dtype=np.float64)
         _backward(g.view(-1).numpy(), xd.view(-1).numpy(), sd.numpy(), k, *_scalars(xd.dtype, q_n, q_p),
                   gx.view(-1).numpy(), partial, want_gx, want_gs)
