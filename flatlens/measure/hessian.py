@@ -73,7 +73,7 @@ from flatlens.seeding import generator as seeded_generator
 
 __all__ = [
     "EigenResult", "PowerResult", "TraceEstimate", "LayerTraces", "QuantNoise", "DensityResult",
-    "eigenvalues", "power_iteration", "trace", "layer_traces", "density", "write", "read",
+    "SpectrumResult", "eigenvalues", "power_iteration", "trace", "layer_traces", "density", "spectrum", "write", "read",
     "GROUP", "SHARED_KEYS",
 ]
 
@@ -192,6 +192,9 @@ class _Stored:
     seed: int
     provenance: dict[str, Any] = field(repr=False)
     root: dict[str, Any] = field(repr=False)
+    shared_hvp: int = 0
+    """HVPs of another measure this result reused (:func:`spectrum`: the density's first Lanczos run);
+    not counted in ``n_hvp``, which holds only this measure's own."""
 
     MEASURE: ClassVar[str] = ""
     PREFIXES: ClassVar[tuple[str, ...]] = ()
@@ -210,6 +213,7 @@ class _Stored:
                 f"{prefix}seed": int(self.seed), f"{prefix}hvp_kernel": str(self.provenance.get("hvp_kernel", "")),
                 f"{prefix}world_size": int(self.provenance.get("world_size", 1)),
                 f"{prefix}device": str(self.provenance.get("device", "")),
+                f"{prefix}shared_hvp": int(self.shared_hvp),
                 f"{prefix}written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def to_store(self) -> tuple[dict[str, Any], dict[str, Any]]:  # pragma: no cover - abstract
@@ -501,13 +505,19 @@ def eigenvalues(obj: Any, k: int = 1, k_bottom: int = 0, *, tol: float = 1e-3, s
         res = L.lanczos_eigenvalues(op, k_top=k, k_bottom=k_bottom, tol=tol, max_iter=max_iter, stop=stop,
                                     generator=seeded_generator(seed, "hessian", 0), bottom_norm_tol=bottom_norm_tol)
         seconds = time.perf_counter() - t0
+    return _eigen_result(res, src, op.n_matvec, seconds, seed, tol, bottom_norm_tol, max_iter, stop)
+
+
+def _eigen_result(res: L.LanczosResult, src: _Source, n_hvp: int, seconds: float, seed: int, tol: float,
+                  bottom_norm_tol: float | None, max_iter: int | None, stop: str, **extra: Any) -> EigenResult:
     kt = res.k_top
     return EigenResult(
-        n_hvp=op.n_matvec, seconds=seconds, seed=seed, provenance=src.provenance, root=src.root,
+        n_hvp=n_hvp, seconds=seconds, seed=seed, provenance=src.provenance, root=src.root,
         values=res.values[:kt], residuals=res.residuals[:kt], rel_error_bound=res.rel_error_bound[:kt],
         converged=res.converged[:kt], bottom=res.values[kt:], bottom_residuals=res.residuals[kt:],
         bottom_converged=res.converged[kt:], ritz_values=res.ritz_values, tol=float(tol),
-        bottom_norm_tol=bottom_norm_tol, iterations=res.iterations, restarts=res.restarts, max_iter=max_iter, stop=stop)
+        bottom_norm_tol=bottom_norm_tol, iterations=res.iterations, restarts=res.restarts, max_iter=max_iter, stop=stop,
+        **extra)
 
 
 def power_iteration(obj: Any, k: int = 1, *, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
@@ -630,20 +640,42 @@ def _student(exact: np.ndarray, M: np.ndarray, level: float) -> tuple[np.ndarray
     return est, se, est - hw, est + hw
 
 
+def _exact_parts(Q: Tensor, image: Callable[[int, int], Tensor], acc: _Accumulator | None, nl: int, nq: int,
+                 chunk: int = 8) -> tuple[float, np.ndarray, np.ndarray]:
+    """The deflated part of the trace, exactly: ``tr(Q^T H Q)`` and its per-block shares.
+
+    ``Q`` (``n x k``, orthonormal columns) spans the deflation space; ``image(c0, c1)`` returns the
+    columns ``c0:c1`` of ``H Q`` (HVPs for a Hutch++ sketch, the Lanczos relation for a Krylov basis).
+    With ``P = I - Q Q^T``, ``H = Q Q^T H + P H Q Q^T + P H P``; the first two terms' block traces are
+    the block sums of ``rowsum(Q * (2 HQ - Q Q^T H Q))``.
+    """
+    exact = 0.0
+    d = torch.zeros(Q.shape[0], dtype=Q.dtype, device=Q.device) if acc is not None else None
+    for c0 in range(0, Q.shape[1], chunk):
+        c1 = min(c0 + chunk, Q.shape[1])
+        Qc, AQ = Q[:, c0:c1], image(c0, c1)
+        exact += float((Qc * AQ).double().sum())
+        if d is not None:
+            d += (Qc * (2.0 * AQ - Q @ (Q.T @ AQ))).sum(dim=1)
+        del AQ
+    if acc is None:
+        return exact, np.zeros(nl), np.zeros(nq)
+    el, eq = acc(d[:, None])
+    return exact, el[:, 0], eq[:, 0]
+
+
 def _sketched_trace(op: L.SymmetricOperator, blocks: _Blocks | None, *, method: str, rtol: float | None,
                     layer_rtol: float | None, layer_floor: float, max_hvp: int, sketch_size: int | None,
                     min_samples: int, block_size: int, level: float, gen: torch.Generator) -> dict[str, Any]:
     """Hutch++ (``method="hutchpp"``) or Hutchinson (``"hutchinson"``) with per-block traces.
 
     Total: exactly the estimator and formula CI of :func:`linalg.hutchpp` / :func:`linalg.hutchinson`
-    (same probe order; the sketch is applied in blocks of 8 columns to bound memory). Blocks: with
-    ``P = I - Q Q^T``, ``H = Q Q^T H + P H Q Q^T + P H P``; the first two terms' block traces are exact
-    (diagonal ``rowsum(Q * (2 HQ - Q Q^T H Q))``) and the third is estimated by ``g_b^T (P H P g)_b``
-    for the same Rademacher ``g`` as the total (``E[g g^T] = I``), so every block gets an unbiased
-    estimate with its own Student-t interval at no extra HVP.
+    (same probe order; the sketch is applied in blocks of 8 columns to bound memory). Blocks: the
+    deflated part is exact per block (:func:`_exact_parts`) and the residual ``P H P`` is estimated by
+    ``g_b^T (P H P g)_b`` for the same Rademacher ``g`` as the total (``E[g g^T] = I``), so every block
+    gets an unbiased estimate with its own Student-t interval at no extra HVP.
     """
     n, dtype, device = op.n, op.dtype, op.device
-    acc = _Accumulator(blocks) if blocks is not None else None
     k = 0 if method == "hutchinson" else min(n, max_hvp // 3 if sketch_size is None else sketch_size)
     if method == "hutchpp" and k < 1:
         raise FlatlensError(f"max_hvp={max_hvp} is too small for Hutch++ (needs >= 4); raise --max-hvp")
@@ -651,8 +683,6 @@ def _sketched_trace(op: L.SymmetricOperator, blocks: _Blocks | None, *, method: 
         raise FlatlensError(f"max_hvp={max_hvp} leaves {max_hvp - 2 * k} residual probes after a sketch of {k}; "
                             f"pass max_hvp >= {2 * k + 2} or a smaller sketch_size")
     chunk = 8
-    exact = 0.0
-    exact_layers = exact_quant = None
     Q = None
     if k:
         Y = torch.empty((n, k), dtype=dtype, device=device)
@@ -663,23 +693,32 @@ def _sketched_trace(op: L.SymmetricOperator, blocks: _Blocks | None, *, method: 
             del S
         Q, _ = torch.linalg.qr(Y)
         del Y
-        d = torch.zeros(n, dtype=dtype, device=device) if acc is not None else None
-        for c0 in range(0, k, chunk):
-            Qc = Q[:, c0:c0 + chunk]
-            AQ = op.matvec(Qc[:, 0])[:, None] if Qc.shape[1] == 1 else op.matmat(Qc)
-            exact += float((Qc * AQ).double().sum())
-            if d is not None:
-                d += (Qc * (2.0 * AQ - Q @ (Q.T @ AQ))).sum(dim=1)
-            del AQ
-        if acc is not None:
-            el, eq = acc(d[:, None])
-            exact_layers, exact_quant = el[:, 0], eq[:, 0]
-            del d
+
+    def image(c0: int, c1: int) -> Tensor:
+        assert Q is not None
+        return op.matvec(Q[:, c0])[:, None] if c1 - c0 == 1 else op.matmat(Q[:, c0:c1])
+
+    return _deflated_hutchinson(op, blocks, Q, image, rtol=rtol, layer_rtol=layer_rtol, layer_floor=layer_floor,
+                                max_hvp=max_hvp, spent=2 * k, min_samples=min_samples, block_size=block_size,
+                                level=level, gen=gen)
+
+
+def _deflated_hutchinson(op: L.SymmetricOperator, blocks: _Blocks | None, Q: Tensor | None,
+                         image: Callable[[int, int], Tensor], *, rtol: float | None, layer_rtol: float | None,
+                         layer_floor: float, max_hvp: int, spent: int, min_samples: int, block_size: int,
+                         level: float, gen: torch.Generator) -> dict[str, Any]:
+    """``tr(Q^T H Q)`` exactly plus Rademacher probes of ``P H P`` (``P = I - Q Q^T``) until the CI target.
+
+    ``spent`` HVPs count towards ``max_hvp`` already. The interval is the formula CI of
+    :func:`linalg.hutchpp` (the quadratic-form variance estimated from the probes and their images).
+    """
+    n, dtype, device = op.n, op.dtype, op.device
+    acc = _Accumulator(blocks) if blocks is not None else None
     nl = len(blocks.layer_names) if blocks is not None else 0
     nq = 2 * len(blocks.quant) if blocks is not None else 0
-    if exact_layers is None:
-        exact_layers, exact_quant = np.zeros(nl), np.zeros(nq)
-    spent = 2 * k
+    k = 0 if Q is None else Q.shape[1]
+    exact, exact_layers, exact_quant = (0.0, np.zeros(nl), np.zeros(nq)) if Q is None else \
+        _exact_parts(Q, image, acc, nl, nq)
     tot: list[np.ndarray] = []
     rows_l: list[np.ndarray] = []
     rows_q: list[np.ndarray] = []
@@ -871,10 +910,126 @@ def density(obj: Any, n_probes: int = 3, n_steps: int = 30, *, grid: int | Tenso
         t0 = time.perf_counter()
         r = L.slq_density(op, n_probes, n_steps, grid=grid, sigma=sigma, generator=seeded_generator(seed, "density", 0))
         seconds = time.perf_counter() - t0
+    return _density_result(r, src, op.n_matvec, seconds, seed)
+
+
+def _density_result(r: L.SLQResult, src: _Source, n_hvp: int, seconds: float, seed: int) -> DensityResult:
     return DensityResult(
-        n_hvp=op.n_matvec, seconds=seconds, seed=seed, provenance=src.provenance, root=src.root, grid=r.grid,
+        n_hvp=n_hvp, seconds=seconds, seed=seed, provenance=src.provenance, root=src.root, grid=r.grid,
         values=r.density, nodes=r.nodes, weights=r.weights, sigma=r.sigma, n_probes=r.n_probes, n_steps=r.n_steps,
         spectrum_bounds=r.spectrum_bounds, trace_samples=r.trace_samples)
+
+
+# --------------------------------------------------------------------------------------------------
+# All three from one set of Lanczos runs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpectrumResult:
+    """What :func:`spectrum` measured: the density and, from its first Lanczos run, eigenvalues and trace."""
+
+    density: DensityResult
+    eigen: EigenResult | None = None
+    trace: TraceEstimate | None = None
+
+    @property
+    def results(self) -> list[_Stored]:
+        return [r for r in (self.eigen, self.trace, self.density) if r is not None]
+
+    @property
+    def n_hvp(self) -> int:
+        return sum(r.n_hvp for r in self.results)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.results)
+
+    def write(self, path: str | Path) -> Path:
+        """Write all parts into ``path:/hessian`` (see :func:`write`)."""
+        return write(path, *self.results)
+
+    def summary(self) -> list[tuple[str, str]]:
+        return [row for r in self.results for row in r.summary()]
+
+
+def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = True, k: int = 1, k_bottom: int = 0,
+             tol: float = 1e-3, eig_max_iter: int | None = None, stop: str = "residual",
+             bottom_norm_tol: float | None = None, trace: bool = True, rtol: float | None = 0.01, max_hvp: int = 100,
+             level: float = 0.95, min_samples: int = 10, block_size: int = 1, layers: str = "layer",
+             layer_rtol: float | None = None, layer_floor: float = 0.01,
+             blocks: Sequence[tuple[str, int]] | None = None, grid: int | Tensor = 1001, sigma: float | None = None,
+             seed: int = 0, progress: Progress | None = None) -> SpectrumResult:
+    """Density, extreme eigenvalues and trace from ONE set of Lanczos runs (fewer HVPs than the three apart).
+
+    1. :func:`density` exactly as called alone (same seed: bitwise the same result), keeping its first
+       probe's Lanczos basis ``Q`` (``n_steps`` vectors) and tridiagonal ``T``.
+    2. Eigenvalues: the Ritz pairs of ``T`` with their residuals ``|beta_m s_{m,i}|`` -- the same
+       certificate as :func:`eigenvalues`. If the wanted values are not certified to ``tol`` within
+       ``n_steps``, that Lanczos run is *continued* (its HVPs are this measure's ``n_hvp``) up to
+       ``eig_max_iter`` steps in all (default ``max(50, 4 (k + k_bottom) + 20, n_steps)``).
+    3. Trace: ``tr(Q^T H Q) = tr(T)`` (plus the rounding-level ``beta_m q_m^T q_{m+1}``) is exact; the rest,
+       ``tr(P H P)`` with ``P = I - Q Q^T``, is estimated by Rademacher probes as in Hutch++'s second
+       phase, with the same formula CI, the ``rtol`` stopping rule, and per-layer traces and QGen noise
+       terms (the exact part per block from the Lanczos relation ``H Q = Q T + beta_m q_{m+1} e_m^T``,
+       no HVP). ``max_hvp`` caps these residual probes. A Krylov basis captures the top of the spectrum
+       as well as Hutch++'s sketch of ``max_hvp / 3`` products does, for free here, so every trace HVP
+       goes to the residual. The residual probes are drawn from the ``"trace"`` stream and are
+       independent of ``Q`` (which comes from the ``"density"`` stream), so the estimate is unbiased.
+
+    Results are :class:`EigenResult`, :class:`TraceEstimate` (``method="krylov"``, ``sketch_size`` = the
+    basis dimension) and :class:`DensityResult`; the reused HVPs are recorded as ``shared_hvp`` (stored
+    as ``eigenvalue_shared_hvp`` / ``trace_shared_hvp``) and counted once, in the density's ``n_hvp``.
+    The eigenvalues come from the density's start vector, so they differ (within their certificates)
+    from :func:`eigenvalues` with the same seed.
+    """
+    seed = _check_seed(seed)
+    src = _source(obj)
+    op = _Counted(src.op, progress)
+    with src.guard(), _user_errors():
+        max_hvp = L._check_int("max_hvp", max_hvp, 1, "pass the most residual probes the trace may use")
+        rtol = L._check_rtol(rtol)
+        if layer_rtol is not None:
+            layer_rtol = L._check_rtol(layer_rtol)
+        level = L._check_level(level)
+        min_samples = L._check_int("min_samples", min_samples, 2, "pass at least 2")
+        block_size = L._check_int("block_size", block_size, 1, "pass how many probes per HVP pass")
+        n0 = op.n_matvec
+        t0 = time.perf_counter()
+        r = L.slq_density(op, n_probes, n_steps, grid=grid, sigma=sigma, generator=seeded_generator(seed, "density", 0),
+                          keep_basis=True)
+        dens = _density_result(r, src, op.n_matvec - n0, time.perf_counter() - t0, seed)
+        st = r.state
+        assert st is not None
+        shared = st.m
+        eig_res = tr_res = None
+        if eigen:
+            kk = k + k_bottom
+            cap = eig_max_iter if eig_max_iter is not None else max(50, 4 * kk + 20, st.m)
+            bnt = tol if bottom_norm_tol is None and k_bottom else bottom_norm_tol
+            n0, t0 = op.n_matvec, time.perf_counter()
+            res = L.lanczos_eigenvalues(op, k_top=k, k_bottom=k_bottom, tol=tol, max_iter=cap, stop=stop,
+                                        generator=seeded_generator(seed, "hessian", 0), bottom_norm_tol=bnt, init=st)
+            eig_res = _eigen_result(res, src, op.n_matvec - n0, time.perf_counter() - t0, seed, tol, bnt, cap, stop,
+                                    method="lanczos (density probe 0, continued)" if op.n_matvec > n0 else
+                                    "lanczos (density probe 0)", shared_hvp=shared)
+        if trace:
+            bl = _blocks_for(src, layers, blocks)
+            n0, t0 = op.n_matvec, time.perf_counter()
+            Q = st.basis.T  # n x m, orthonormal columns
+            raw = _deflated_hutchinson(op, bl, Q, st.image, rtol=rtol, layer_rtol=layer_rtol, layer_floor=layer_floor,
+                                       max_hvp=max_hvp, spent=0, min_samples=min_samples, block_size=block_size,
+                                       level=level, gen=seeded_generator(seed, "trace", 0))
+            del Q
+            lt = _layer_result(bl, raw, level, layer_rtol, layer_floor) if bl is not None else None
+            tr_res = TraceEstimate(
+                n_hvp=op.n_matvec - n0, seconds=time.perf_counter() - t0, seed=seed, provenance=src.provenance,
+                root=src.root, shared_hvp=shared, estimate=float(raw["estimate"]), stderr=float(raw["stderr"]),
+                ci_low=float(raw["ci_low"]), ci_high=float(raw["ci_high"]), level=level,
+                samples=torch.as_tensor(raw["samples"], dtype=torch.float64), method="krylov", rtol=rtol,
+                max_hvp=max_hvp, converged=bool(raw["converged"]), exact_part=float(raw["exact"]),
+                sketch_size=int(raw["sketch"]), layers=lt)
+    return SpectrumResult(density=dens, eigen=eig_res, trace=tr_res)
 
 
 # --------------------------------------------------------------------------------------------------

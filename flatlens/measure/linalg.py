@@ -47,6 +47,7 @@ __all__ = [
     "rademacher",
     "gaussian",
     "LanczosResult",
+    "LanczosState",
     "lanczos_eigenvalues",
     "PowerIterationResult",
     "power_iteration",
@@ -326,6 +327,39 @@ class LanczosResult:
         return bool(self.converged.all())
 
 
+@dataclass
+class LanczosState:
+    """A Lanczos run to continue: ``m`` orthonormal basis rows and the tridiagonal they define.
+
+    ``basis`` (``m x n``, operator dtype/device) holds ``q_1 .. q_m``; ``alphas`` (``m``) and ``betas``
+    (``m - 1``) are ``T_m``; ``last_beta`` and ``next`` (``q_{m+1}``, ``None`` when ``last_beta`` is ~0)
+    give the residual ``A q_m - alpha_m q_m - beta_{m-1} q_{m-1} = last_beta * next``, so
+    ``A Q_m^T = Q_m^T T_m + last_beta * next e_m^T`` (the Lanczos relation). :func:`slq_density` returns
+    one for its first probe (``keep_basis=True``), so its HVPs can serve eigenvalues and traces too.
+    """
+
+    basis: Tensor
+    alphas: list[float]
+    betas: list[float]
+    last_beta: float
+    next: Tensor | None
+
+    @property
+    def m(self) -> int:
+        return len(self.alphas)
+
+    def tridiagonal(self) -> np.ndarray:
+        return _tridiag(self.alphas, self.betas)
+
+    def image(self, c0: int, c1: int) -> Tensor:
+        """Columns ``c0:c1`` of ``A Q_m^T`` (``n x (c1 - c0)``) from the Lanczos relation, without the operator."""
+        T = torch.as_tensor(self.tridiagonal()[:, c0:c1], dtype=self.basis.dtype, device=self.basis.device)
+        out = self.basis.T @ T
+        if c0 <= self.m - 1 < c1 and self.next is not None:
+            out[:, self.m - 1 - c0] += self.last_beta * self.next
+        return out
+
+
 def _gap_bounds(theta: np.ndarray, res_all: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """Absolute error estimates ``min(r, r^2 / gap)`` for the wanted Ritz values.
 
@@ -365,6 +399,7 @@ def lanczos_eigenvalues(
     reorth_passes: int = 2,
     stop: str = "residual",
     bottom_norm_tol: float | None = None,
+    init: LanczosState | None = None,
 ) -> LanczosResult:
     """Top-``k_top`` and bottom-``k_bottom`` eigenvalues of a symmetric operator, in ONE Lanczos run.
 
@@ -400,6 +435,9 @@ def lanczos_eigenvalues(
         bottom_norm_tol: for the ``k_bottom`` smallest values only, also accept ``r <= bottom_norm_tol *
             max|theta|`` (an absolute accuracy relative to the spectral norm). The bottom of a Hessian
             spectrum is a dense bulk near 0, where a relative rule can never be met.
+        init: continue a run (e.g. :func:`slq_density`'s first probe) instead of starting one: its
+            ``m`` steps count towards ``max_iter`` but not towards ``n_matvec`` (they were paid
+            before); if they already meet the stopping rule no operator application is made.
     """
     op = as_operator(op)
     n = op.n
@@ -429,8 +467,17 @@ def lanczos_eigenvalues(
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 2.0**-52
 
     start = op.n_matvec
+    if init is not None:
+        if v0 is not None:
+            raise ValueError("pass either v0 or init (a run to continue), not both.")
+        if tuple(init.basis.shape) != (init.m, n) or len(init.betas) != init.m - 1 or init.m < 1:
+            raise ValueError(f"init holds a basis of shape {tuple(init.basis.shape)} with {init.m} alphas; "
+                             f"pass a LanczosState of this operator (n={n}).")
+        m_max = max(m_max, init.m)
     Q = torch.empty((m_max, n), dtype=dtype, device=device)  # rows are written before use (lazy pages)
-    if v0 is not None:
+    if init is not None:
+        Q[: init.m] = init.basis.to(dtype=dtype, device=device)
+    elif v0 is not None:
         if not isinstance(v0, Tensor) or v0.shape != (n,):
             raise ValueError(f"v0 must be a 1-D tensor of length {n}; pass a start vector of the operator's size.")
         q = v0.detach().to(dtype=dtype, device=device).clone()
@@ -451,17 +498,25 @@ def lanczos_eigenvalues(
     conv_mask = np.zeros(0, dtype=bool)
     wanted = np.zeros(0, dtype=np.int64)
     m = 0
+    step = True
+    if init is not None:  # the state after the init's last step: T_m, and w = last_beta * q_{m+1}
+        alphas, betas = [float(a) for a in init.alphas], [float(b) for b in init.betas]
+        m, j, beta, step = init.m, init.m - 1, float(init.last_beta), False
+        w = init.next.to(dtype=dtype, device=device) * beta if init.next is not None else torch.zeros(n, dtype=dtype,
+                                                                                                    device=device)
     while True:
-        j = m
-        w = op.matvec(Q[j])
-        alpha = _dot(Q[j], w)
-        w = w - alpha * Q[j]
-        if j > 0 and betas[j - 1] != 0.0:
-            w -= betas[j - 1] * Q[j - 1]
-        _orthogonalize_(w, Q[: j + 1], reorth_passes)
-        beta = float(torch.linalg.vector_norm(w).double())
-        alphas.append(alpha)
-        m = j + 1
+        if step:
+            j = m
+            w = op.matvec(Q[j])
+            alpha = _dot(Q[j], w)
+            w = w - alpha * Q[j]
+            if j > 0 and betas[j - 1] != 0.0:
+                w -= betas[j - 1] * Q[j - 1]
+            _orthogonalize_(w, Q[: j + 1], reorth_passes)
+            beta = float(torch.linalg.vector_norm(w).double())
+            alphas.append(alpha)
+            m = j + 1
+        step = True
 
         T = _tridiag(alphas, betas)
         theta, S = np.linalg.eigh(T)
@@ -1393,6 +1448,8 @@ class SLQResult:
     spectrum_bounds: tuple[float, float]
     extreme_residuals: tuple[float, float] = (math.nan, math.nan)
     method: str = "slq"
+    state: LanczosState | None = None
+    """The first probe's Lanczos run (basis, tridiagonal, residual) when ``keep_basis=True``."""
 
     def moment(self, p: int) -> float:
         """The quadrature estimate of ``(1/n) tr(A^p)``: ``mean_p sum_j w_pj theta_pj^p``."""
@@ -1410,6 +1467,7 @@ def slq_density(
     pad: float | None = None,
     generator: torch.Generator | int | None = None,
     reorth_passes: int = 2,
+    keep_basis: bool = False,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature (SLQ) estimate of the spectral density of ``A``.
 
@@ -1429,6 +1487,10 @@ def slq_density(
             for a one-point spectrum).
         pad: grid padding beyond the extreme nodes; default ``5 * sigma`` (the density then integrates
             to 1 within ~1e-6 on the default grid).
+        keep_basis: also return the first probe's run as a :class:`LanczosState` (``state``): its
+            basis is a Krylov space whose extreme Ritz pairs are certified eigenvalue estimates and a
+            deflation space for trace estimation, at no further operator application. The numbers
+            returned are bitwise the same either way.
     """
     op = as_operator(op)
     n = op.n
@@ -1448,6 +1510,7 @@ def slq_density(
 
     Q = torch.empty((p, m, n), dtype=dtype, device=device)  # rows are written before use (lazy pages)
     Q[:, 0, :] = (rademacher(n, p, gen, dtype, device) / math.sqrt(n)).T
+    state: LanczosState | None = None
     alphas = [[] for _ in range(p)]
     betas = [[] for _ in range(p)]
     active = list(range(p))
@@ -1467,7 +1530,11 @@ def slq_density(
             alphas[i].append(a)
             last_beta[i] = b
             anorm = max(abs(x) for x in alphas[i]) + max(betas[i], default=0.0)
-            if j + 1 < m and b > 100.0 * eps * max(anorm, 1e-300):
+            going = j + 1 < m and b > 100.0 * eps * max(anorm, 1e-300)
+            if keep_basis and i == 0 and not going:
+                nxt = w / b if b > 100.0 * eps * max(anorm, 1e-300) else None
+                state = LanczosState(Q[0, : j + 1].clone(), list(alphas[0]), list(betas[0]), b, nxt)
+            if going:
                 betas[i].append(b)
                 Q[i, j + 1] = w / b
                 still.append(i)
@@ -1524,4 +1591,5 @@ def slq_density(
         trace_samples=torch.as_tensor(trace_s, dtype=f64),
         spectrum_bounds=(float(lo_node - lo_res), float(hi_node + hi_res)),
         extreme_residuals=(float(lo_res), float(hi_res)),
+        state=state,
     )
