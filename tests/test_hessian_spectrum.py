@@ -133,3 +133,22 @@ def test_spectrum_is_side_effect_free_seeded_and_writes_all_three(tmp_path):
     assert r["trace"] == pytest.approx(a.trace.estimate) and r["eigenvalues"][0] == pytest.approx(float(a.eigen.values[0]))
     with pytest.raises(fl.FlatlensError, match="max_hvp"):
         fl.hessian.spectrum(obj, 1, 4, max_hvp=0)
+
+
+def test_sharpness_plan_joins_density_with_hessian_and_hutchpp_trace_only():
+    import argparse
+
+    from flatlens.measure.registry import builtin_measures, plan
+
+    builtin_measures()
+
+    def labels(names, **kw):
+        args = argparse.Namespace(**{"shared_krylov": True, "trace_method": "hutchpp", **kw})
+        return [s.label for s in plan(names, args)]
+
+    assert labels(["hessian", "trace", "density", "landscape"]) == ["hessian+trace+density", "landscape"]
+    assert labels(["landscape", "trace", "density"]) == ["landscape", "trace+density"]
+    assert labels(["hessian", "trace", "density"], trace_method="xtrace") == ["hessian+density", "trace"]
+    assert labels(["trace", "density"], trace_method="xtrace") == ["trace", "density"]
+    assert labels(["hessian", "trace"]) == ["hessian", "trace"]  # no density: nothing to share
+    assert labels(["hessian", "density"], shared_krylov=False) == ["hessian", "density"]

@@ -29,11 +29,13 @@ def analysis(tiny_run, tmp_path_factory):
 def test_cli_prints_cost_progress_summary_and_writes_the_schema(analysis, tiny_run):
     out, res = analysis
     lines = res.stdout.splitlines()
-    for name in ("hessian", "trace", "density"):
-        cost = next(i for i, line in enumerate(lines) if line.startswith(f"[{name}] predicted cost:"))
-        done = next(i for i, line in enumerate(lines) if line.startswith(f"[{name}] done"))
-        assert any(line.startswith(f"{name} ") and "/" in line for line in lines[cost:done]), name  # progress
-    assert "[density] predicted cost: 10 HVPs" in res.stdout and "differentiated: float model" in res.stdout
+    # requested together, the three share the density's Lanczos runs: one step
+    joint = "hessian+trace+density"
+    cost = next(i for i, line in enumerate(lines) if line.startswith(f"[{joint}] predicted cost:"))
+    done = next(i for i, line in enumerate(lines) if line.startswith(f"[{joint}] done"))
+    assert any(line.startswith(f"{joint} ") and "/" in line for line in lines[cost:done])  # progress
+    assert f"[{joint}] predicted cost: 40 HVPs" in res.stdout and "10 SLQ HVPs shared" in res.stdout
+    assert "differentiated: float model" in res.stdout
     summary = res.stdout[res.stdout.index("\nsummary"):]
     for label in ("lambda_1", "lambda_2", "lambda_min", "trace", "layer traces", "spectrum", "density cost"):
         assert label in summary, label
@@ -44,13 +46,31 @@ def test_cli_prints_cost_progress_summary_and_writes_the_schema(analysis, tiny_r
         assert json.loads(f.attrs["config"])["model"]["width"] == 8 and "flatlens_version" in f.attrs
     r = fl.hessian.read(out)
     assert r["eigenvalues"].shape == (2,) and r["bottom_eigenvalues"].shape == (1,)
-    assert r["trace_samples"].shape == (10,) and r["layer_traces"].shape == (4,) and len(r["layer_names"]) == 4
+    assert r["trace_samples"].shape == (30,) and r["layer_traces"].shape == (4,) and len(r["layer_names"]) == 4
     assert r["density"]["grid"].shape == (1001,) and r["density"]["nodes"].shape == (2, 5)
     a = r["attrs"]
     assert a["split"] == "source-val" and a["n_samples"] == 64 and a["space"] == "latent" and a["seed"] == 0
     assert a["eigenvalue_tol"] == 1e-4 and a["trace_rtol"] == "null" and a["trace_max_hvp"] == 30
-    assert a["n_hvp"] == a["eigenvalue_n_hvp"] + 30 + 10 and a["measures"] == ["hessian", "trace", "density"]
+    assert a["trace_method"] == "krylov" and a["trace_shared_hvp"] == 5 and a["eigenvalue_shared_hvp"] == 5
+    assert a["n_hvp"] == a["eigenvalue_n_hvp"] + 30 + 10 and sorted(a["measures"]) == ["density", "hessian", "trace"]
     assert a["checkpoint_sha256"] == run.sha256 and a["trace_hvp_kernel"] == "graph_reuse"
+
+
+def test_cli_runs_the_measures_apart_with_no_shared_krylov(tiny_run, tmp_path):
+    out = tmp_path / "apart.h5"
+    res = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), "--measures", "hessian,trace,density", *FAST,
+                       "--max-hvp", "12", "--trace-rtol", "0", "--density-probes", "2", "--density-steps", "4",
+                       "--no-shared-krylov", "--progress-every", "0", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    for name in ("hessian", "trace", "density"):
+        cost = next(i for i, line in enumerate(lines) if line.startswith(f"[{name}] predicted cost:"))
+        done = next(i for i, line in enumerate(lines) if line.startswith(f"[{name}] done"))
+        assert any(line.startswith(f"{name} ") and "/" in line for line in lines[cost:done]), name  # progress
+    assert "[density] predicted cost: 8 HVPs" in res.stdout
+    a = fl.hessian.read(out)["attrs"]
+    assert a["trace_method"] == "hutchpp" and a["trace_shared_hvp"] == 0 and a["eigenvalue_shared_hvp"] == 0
+    assert a["n_hvp"] == a["eigenvalue_n_hvp"] + 12 + 8 and a["measures"] == ["hessian", "trace", "density"]
 
 
 def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run, tmp_path, capsys):

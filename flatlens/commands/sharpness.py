@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from flatlens import distributed as D
     from flatlens import store
     from flatlens.errors import FlatlensError
-    from flatlens.measure.registry import RunContext, builtin_measures
+    from flatlens.measure.registry import RunContext, builtin_measures, plan
     from flatlens.progress import Progress
 
     measures = builtin_measures()
@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         say(f"loss {loss:.6f} ± {se:.6f}, accuracy {acc:.4f}; one pass over the samples takes {t_forward:.3f} s")
         say(f"differentiated: {obj.differentiated}; BatchNorm in eval mode (running statistics)")
         rows: list[tuple[str, str, str]] = []
-        for name in names:
-            m = measures[name]
-            est = m.estimate(obj, args)
+        for step in plan(names, args):
+            name = step.label
+            est = step.estimate(obj, args)
             hvp_s = _hvp_seconds(obj, t_forward) if est.n_hvp else 0.0
             eta = est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward
             say(f"[{name}] predicted cost: {est.n_hvp} HVPs, {est.n_forward} forward passes"
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 return Progress(total, 0, desc=desc, enabled=ctx.is_main, every_seconds=args.progress_every)
 
             with obj.space.guard():
-                result = m.run(obj, args, RunContext(out=out, is_main=ctx.is_main, progress=progress, log=say))
+                result = step.run(obj, args, RunContext(out=out, is_main=ctx.is_main, progress=progress, log=say))
             costs = {k: obj.costs()[k] - before[k] for k in before}
             costs["seconds"] = time.perf_counter() - started
             if ctx.is_main and not result.written:

@@ -9,6 +9,7 @@ small result object with values, error bars, costs and provenance)::
     tr = fl.hessian.trace(obj, rtol=0.01)                           # Hutch++ with a 95 % CI + per-layer traces
     dens = fl.hessian.density(obj, n_probes=3, n_steps=30)          # SLQ, Gaussian-smoothed
     fl.hessian.write("analysis.h5", eig, tr, dens)                  # the /hessian group `flatlens sharpness` writes
+    sp = fl.hessian.spectrum(obj, 3, 30, k=5)                       # the three sharing the SLQ runs; sp.write(path)
     stored = fl.hessian.read("analysis.h5")
 
 What each function does (the maths and error statements are in :mod:`flatlens.measure.linalg`):
@@ -28,6 +29,9 @@ What each function does (the maths and error statements are in :mod:`flatlens.me
 * :func:`layer_traces` -- :func:`trace` with a stopping rule on every layer's interval.
 * :func:`density` -- stochastic Lanczos quadrature (``n_probes`` x ``n_steps`` HVPs, all probes of a
   step in one data pass) smoothed with a Gaussian kernel; works on torch 2.x (PyHessian 0.1's does not).
+* :func:`spectrum` -- all three from the density's Lanczos runs: certified eigenvalues from its first
+  probe (continued if needed), and a trace whose exact part is that probe's Krylov space, so every
+  trace HVP goes to residual probes (``flatlens sharpness`` runs this when they are requested together).
 
 What is differentiated is recorded in every result (``provenance["differentiated"]``): the float
 model; for a quantized model in ``latent`` space the *straight-through surrogate* (the true loss is
@@ -1116,6 +1120,9 @@ def _add_density_args(g: Any) -> None:
     g.add_argument("--density-steps", type=int, default=30, help="Lanczos steps per probe")
     g.add_argument("--density-grid", type=int, default=1001, help="grid points of the smoothed density")
     g.add_argument("--density-sigma", type=float, default=None, help="Gaussian width (default: node range / 100)")
+    g.add_argument("--no-shared-krylov", dest="shared_krylov", action="store_false",
+                   help="run hessian and trace apart from density; by default, requested together, they reuse the "
+                        "density's first Lanczos run (certified eigenvalues; exact trace part, --max-hvp residual probes)")
 
 
 def _cli_progress(ctx: Any, total: int, desc: str):
@@ -1123,16 +1130,17 @@ def _cli_progress(ctx: Any, total: int, desc: str):
     return bar, (lambda n: bar.update(n))
 
 
-def _output(result: _Stored, ctx: Any):
+def _output(*results: _Stored, ctx: Any):
     from flatlens.measure.registry import MeasureOutput
 
     if ctx.is_main:
-        write(ctx.out, result)
-    return MeasureOutput(group=GROUP, datasets={}, attrs={}, summary=result.summary(), written=True)
+        write(ctx.out, *results)
+    return MeasureOutput(group=GROUP, datasets={}, attrs={}, summary=[row for r in results for row in r.summary()],
+                         written=True)
 
 
 def _register() -> None:
-    from flatlens.measure.registry import Estimate, Measure, register
+    from flatlens.measure.registry import Estimate, Joint, Measure, register, register_joint
 
     def est_hessian(obj: Any, args: Any) -> Estimate:
         k = args.k + args.k_bottom
@@ -1147,7 +1155,7 @@ def _register() -> None:
                               stop=args.eig_stop, progress=prog)
         finally:
             bar.close()
-        return _output(res, ctx)
+        return _output(res, ctx=ctx)
 
     def est_trace(obj: Any, args: Any) -> Estimate:
         return Estimate(n_hvp=args.max_hvp, note=f"at most; stops at ±{args.trace_rtol:g} relative ({args.trace_method})")
@@ -1160,7 +1168,7 @@ def _register() -> None:
                         layer_rtol=args.layer_rtol, progress=prog)
         finally:
             bar.close()
-        return _output(res, ctx)
+        return _output(res, ctx=ctx)
 
     def est_density(obj: Any, args: Any) -> Estimate:
         return Estimate(n_hvp=args.density_probes * args.density_steps,
@@ -1173,7 +1181,7 @@ def _register() -> None:
                           sigma=args.density_sigma, seed=args.seed, progress=prog)
         finally:
             bar.close()
-        return _output(res, ctx)
+        return _output(res, ctx=ctx)
 
     register(Measure("hessian", "top-k / bottom-k Hessian eigenvalues (Lanczos, certified)", _add_hessian_args,
                      est_hessian, run_hessian))
@@ -1181,6 +1189,32 @@ def _register() -> None:
                      _add_trace_args, est_trace, run_trace))
     register(Measure("density", "spectral density (stochastic Lanczos quadrature)", _add_density_args,
                      est_density, run_density))
+
+    def covers_spectrum(args: Any, names: list[str]) -> list[str]:
+        if not getattr(args, "shared_krylov", True) or "density" not in names:
+            return []
+        return [n for n in names if n in ("hessian", "density") or (n == "trace" and args.trace_method == "hutchpp")]
+
+    def est_spectrum(obj: Any, args: Any, members: list[str]) -> Estimate:
+        dens = args.density_probes * args.density_steps
+        extra = args.max_hvp if "trace" in members else 0
+        return Estimate(n_hvp=dens + extra, note=f"{dens} SLQ HVPs shared by {', '.join(members)}"
+                        + (f"; at most {extra} trace residual probes, stops at ±{args.trace_rtol:g}" if extra else ""))
+
+    def run_spectrum(obj: Any, args: Any, ctx: Any, members: list[str]):
+        total = args.density_probes * args.density_steps + (args.max_hvp if "trace" in members else 0)
+        bar, prog = _cli_progress(ctx, total, "+".join(members))
+        try:
+            res = spectrum(obj, args.density_probes, args.density_steps, eigen="hessian" in members, k=args.k,
+                           k_bottom=args.k_bottom, tol=args.tol, eig_max_iter=args.eig_max_iter, stop=args.eig_stop,
+                           trace="trace" in members, rtol=args.trace_rtol or None, max_hvp=args.max_hvp,
+                           level=args.trace_level, layers=args.layers, layer_rtol=args.layer_rtol,
+                           grid=args.density_grid, sigma=args.density_sigma, seed=args.seed, progress=prog)
+        finally:
+            bar.close()
+        return _output(*res.results, ctx=ctx)
+
+    register_joint(Joint("spectrum", covers_spectrum, est_spectrum, run_spectrum))
 
 
 _register()

@@ -4,7 +4,9 @@ A measure is a :class:`Measure`: a name, its own command-line options, a cost es
 it starts, and a ``run`` that asks an :class:`~flatlens.measure.objective.Objective` its questions and
 returns a :class:`MeasureOutput` (the HDF5 group to write, with datasets, attributes and summary rows).
 New measures register themselves with :func:`register`; :func:`builtin_measures` imports the modules
-that define flatlens's own.
+that define flatlens's own. Measures that can share work when requested together (the density's
+Lanczos runs also give eigenvalues and a deflated trace) register a :class:`Joint`; :func:`plan`
+turns the requested names into the steps to run.
 """
 
 from __future__ import annotations
@@ -62,12 +64,60 @@ class RunContext:
     log: Callable[[str], None]
 
 
+@dataclass
+class Joint:
+    """One run that answers several measures at once (e.g. ``hessian``, ``trace`` and ``density`` from
+    the same Lanczos runs). ``covers(args, requested)`` names the requested measures it would run (it
+    is used only when that is two or more); ``estimate`` and ``run`` get that list too."""
+
+    name: str
+    covers: Callable[[argparse.Namespace, list[str]], list[str]]
+    estimate: Callable[[Any, argparse.Namespace, list[str]], Estimate]
+    run: Callable[[Any, argparse.Namespace, "RunContext", list[str]], MeasureOutput]
+
+
+@dataclass
+class Step:
+    """One entry of a :func:`plan`: the measures it answers and how to estimate and run it."""
+
+    label: str
+    members: list[str]
+    estimate: Callable[[Any, argparse.Namespace], Estimate]
+    run: Callable[[Any, argparse.Namespace, "RunContext"], MeasureOutput]
+
+
 REGISTRY: dict[str, Measure] = {}
+JOINTS: list[Joint] = []
 
 
 def register(measure: Measure) -> Measure:
     REGISTRY[measure.name] = measure
     return measure
+
+
+def register_joint(joint: Joint) -> Joint:
+    JOINTS[:] = [j for j in JOINTS if j.name != joint.name] + [joint]
+    return joint
+
+
+def plan(names: list[str], args: argparse.Namespace) -> list[Step]:
+    """The steps that run the requested measures ``names`` (in their order): a :class:`Joint` wherever
+    it covers two or more of them, the measures alone otherwise."""
+    steps: list[tuple[int, Step]] = []
+    taken: set[str] = set()
+    for j in JOINTS:
+        cov = [n for n in j.covers(args, list(names)) if n in names and n not in taken]
+        if len(cov) < 2:
+            continue
+        taken.update(cov)
+        steps.append((min(names.index(n) for n in cov), Step(
+            "+".join(cov), cov, lambda obj, a, j=j, cov=cov: j.estimate(obj, a, cov),
+            lambda obj, a, ctx, j=j, cov=cov: j.run(obj, a, ctx, cov))))
+    for i, n in enumerate(names):
+        if n not in taken:
+            m = REGISTRY[n]
+            steps.append((i, Step(n, [n], m.estimate, m.run)))
+    return [s for _, s in sorted(steps, key=lambda t: t[0])]
 
 
 def builtin_measures() -> dict[str, Measure]:
