@@ -273,6 +273,10 @@ def test_select_kernel_and_override():
     assert set(sel.seconds) == set(KERNELS) and sel.kernel == min(sel.seconds, key=sel.seconds.get)
     assert sel.gradient_seconds > 0 and all(r > 0 for r in sel.ratio.values())
     assert max(sel.max_rel_diff.values()) < 1e-4
+    # pruning: a kernel whose first timed call is prune x the best so far is not timed again
+    assert select_kernel(loss_fn, params, (x, y), prune=math.inf).pruned == []
+    every = select_kernel(loss_fn, params, (x, y), prune=0.0)
+    assert every.pruned == list(KERNELS[1:]) and set(every.seconds) == set(KERNELS)
     eng = HessianVectorProduct(loss_fn, params, [(x, y)], kernel="double_backward")
     assert eng.kernel == "double_backward" and eng.selection is None
     eng = HessianVectorProduct(loss_fn, params, [(x, y)], kernel="auto", candidates=("double_backward",))
