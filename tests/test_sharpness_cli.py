@@ -39,6 +39,8 @@ def test_cli_prints_cost_progress_summary_and_writes_the_schema(analysis, tiny_r
     summary = res.stdout[res.stdout.index("\nsummary"):]
     for label in ("lambda_1", "lambda_2", "lambda_min", "trace", "layer traces", "spectrum", "density cost"):
         assert label in summary, label
+    # the joint step's rows are labelled by the measure they answer
+    assert "  hessian  lambda_1" in summary and "  trace    trace cost" in summary and "  density  spectrum" in summary
     assert "Traceback" not in res.stderr
     run = fl.load_checkpoint(tiny_run / "model.pt", data=False)
     with h5py.File(out, "r") as f:

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 attrs = {"measure": name, **obj.describe(), **result.attrs, **{f"cost_{k}": v for k, v in costs.items()}}
                 store.write_group(out, result.group, result.datasets, attrs)
             say(f"[{name}] done in {_fmt_seconds(costs['seconds'])} ({costs['n_hvp']} HVPs) -> {out}:/{result.group}")
-            rows += [(name, label, value) for label, value in result.summary]
+            rows += [tuple(r) if len(r) == 3 else (name, *r) for r in result.summary]
         if ctx.is_main:
             _print_summary(rows)
         obj.release()

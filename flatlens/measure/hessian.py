@@ -1135,8 +1135,8 @@ def _output(*results: _Stored, ctx: Any):
 
     if ctx.is_main:
         write(ctx.out, *results)
-    return MeasureOutput(group=GROUP, datasets={}, attrs={}, summary=[row for r in results for row in r.summary()],
-                         written=True)
+    rows = [(r.MEASURE, label, value) for r in results for label, value in r.summary()]
+    return MeasureOutput(group=GROUP, datasets={}, attrs={}, summary=rows, written=True)
 
 
 def _register() -> None:

@@ -40,7 +40,8 @@ class MeasureOutput:
     group: str
     datasets: dict[str, Any]
     attrs: dict[str, Any]
-    summary: list[tuple[str, str]] = field(default_factory=list)
+    summary: list[tuple[str, ...]] = field(default_factory=list)
+    """Rows ``(label, value)``, or ``(measure, label, value)`` when one step answers several measures."""
     written: bool = False
     """True when the measure wrote its group itself (e.g. resumable grids)."""
 
