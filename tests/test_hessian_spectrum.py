@@ -10,7 +10,7 @@ import flatlens as fl
 from flatlens.measure import linalg as L
 from flatlens.measure.objective import Objective
 from flatlens.measure.params import model_state_hash
-from test_hessian import CASES, _bn_cnn, _data, dense_hessian
+from test_hessian import CASES, _bn_cnn, _data, assert_layer_traces_near_dense, dense_hessian
 
 F64 = torch.float64
 
@@ -83,12 +83,7 @@ def test_spectrum_matches_dense_hessian_and_the_separate_density(case):
     # per-layer traces: exact parts per block + residual samples; every block within its CI scale
     lt = t.layers
     assert lt.estimates.sum().item() == pytest.approx(t.estimate, rel=1e-10)
-    diag = torch.diagonal(H)
-    i = 0
-    for name, n, est, se in zip(lt.names, lt.numel, lt.estimates.tolist(), lt.stderr.tolist()):
-        block = float(diag[i:i + n].sum())
-        i += n
-        assert abs(est - block) <= 3.5 * se + 1e-9, (name, est, block, se)
+    assert_layer_traces_near_dense(lt, H)
 
 
 def test_spectrum_trace_ci_covers_the_dense_trace_and_beats_hutchpp_per_hvp():

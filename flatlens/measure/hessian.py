@@ -841,13 +841,9 @@ def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_h
     gen = seeded_generator(seed, "trace", 0)
     bl = None
     with src.guard(), _user_errors():
-        rtol = L._check_rtol(rtol)
-        if layer_rtol is not None:
-            layer_rtol = L._check_rtol(layer_rtol)
+        rtol, layer_rtol, level, min_samples, block_size = _check_trace_args(rtol, layer_rtol, level, min_samples,
+                                                                             block_size)
         max_hvp = L._check_int("max_hvp", max_hvp, 2, "pass the most HVPs the estimate may use")
-        level = L._check_level(level)
-        min_samples = L._check_int("min_samples", min_samples, 2, "pass at least 2")
-        block_size = L._check_int("block_size", block_size, 1, "pass how many probes per HVP pass")
         t0 = time.perf_counter()
         if method == "xtrace":
             if layer_rtol is not None:
@@ -861,9 +857,27 @@ def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_h
                                   max_hvp=max_hvp, sketch_size=sketch_size, min_samples=min_samples,
                                   block_size=block_size, level=level, gen=gen)
         seconds = time.perf_counter() - t0
-    lt = _layer_result(bl, raw, level, layer_rtol, layer_floor) if bl is not None else None
+    return _trace_estimate(raw, src, bl, op.n_matvec, seconds, seed, method=method, rtol=rtol, max_hvp=max_hvp,
+                           level=level, layer_rtol=layer_rtol, layer_floor=layer_floor)
+
+
+def _check_trace_args(rtol: Any, layer_rtol: Any, level: Any, min_samples: Any,
+                      block_size: Any) -> tuple[float | None, float | None, float, int, int]:
+    """The stopping-rule arguments of :func:`trace` and :func:`spectrum`, checked."""
+    rtol = L._check_rtol(rtol)
+    if layer_rtol is not None:
+        layer_rtol = L._check_rtol(layer_rtol)
+    return (rtol, layer_rtol, L._check_level(level), L._check_int("min_samples", min_samples, 2, "pass at least 2"),
+            L._check_int("block_size", block_size, 1, "pass how many probes per HVP pass"))
+
+
+def _trace_estimate(raw: dict[str, Any], src: _Source, blocks: _Blocks | None, n_hvp: int, seconds: float, seed: int,
+                    *, method: str, rtol: float | None, max_hvp: int, level: float, layer_rtol: float | None,
+                    layer_floor: float, shared_hvp: int = 0) -> TraceEstimate:
+    """A :class:`TraceEstimate` from an estimator's raw dict (and its per-block parts when ``blocks``)."""
+    lt = _layer_result(blocks, raw, level, layer_rtol, layer_floor) if blocks is not None else None
     return TraceEstimate(
-        n_hvp=op.n_matvec, seconds=seconds, seed=seed, provenance=src.provenance, root=src.root,
+        n_hvp=n_hvp, seconds=seconds, seed=seed, provenance=src.provenance, root=src.root, shared_hvp=shared_hvp,
         estimate=float(raw["estimate"]), stderr=float(raw["stderr"]), ci_low=float(raw["ci_low"]),
         ci_high=float(raw["ci_high"]), level=level, samples=torch.as_tensor(raw["samples"], dtype=torch.float64),
         method=method, rtol=rtol, max_hvp=max_hvp, converged=bool(raw["converged"]), exact_part=float(raw["exact"]),
@@ -992,12 +1006,8 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
     op = _Counted(src.op, progress)
     with src.guard(), _user_errors():
         max_hvp = L._check_int("max_hvp", max_hvp, 1, "pass the most residual probes the trace may use")
-        rtol = L._check_rtol(rtol)
-        if layer_rtol is not None:
-            layer_rtol = L._check_rtol(layer_rtol)
-        level = L._check_level(level)
-        min_samples = L._check_int("min_samples", min_samples, 2, "pass at least 2")
-        block_size = L._check_int("block_size", block_size, 1, "pass how many probes per HVP pass")
+        rtol, layer_rtol, level, min_samples, block_size = _check_trace_args(rtol, layer_rtol, level, min_samples,
+                                                                             block_size)
         n0 = op.n_matvec
         t0 = time.perf_counter()
         r = L.slq_density(op, n_probes, n_steps, grid=grid, sigma=sigma, generator=seeded_generator(seed, "density", 0),
@@ -1025,14 +1035,9 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
                                        max_hvp=max_hvp, spent=0, min_samples=min_samples, block_size=block_size,
                                        level=level, gen=seeded_generator(seed, "trace", 0))
             del Q
-            lt = _layer_result(bl, raw, level, layer_rtol, layer_floor) if bl is not None else None
-            tr_res = TraceEstimate(
-                n_hvp=op.n_matvec - n0, seconds=time.perf_counter() - t0, seed=seed, provenance=src.provenance,
-                root=src.root, shared_hvp=shared, estimate=float(raw["estimate"]), stderr=float(raw["stderr"]),
-                ci_low=float(raw["ci_low"]), ci_high=float(raw["ci_high"]), level=level,
-                samples=torch.as_tensor(raw["samples"], dtype=torch.float64), method="krylov", rtol=rtol,
-                max_hvp=max_hvp, converged=bool(raw["converged"]), exact_part=float(raw["exact"]),
-                sketch_size=int(raw["sketch"]), layers=lt)
+            tr_res = _trace_estimate(raw, src, bl, op.n_matvec - n0, time.perf_counter() - t0, seed, method="krylov",
+                                     rtol=rtol, max_hvp=max_hvp, level=level, layer_rtol=layer_rtol,
+                                     layer_floor=layer_floor, shared_hvp=shared)
     return SpectrumResult(density=dens, eigen=eig_res, trace=tr_res)
 
 
@@ -1202,8 +1207,7 @@ def _register() -> None:
                         + (f"; at most {extra} trace residual probes, stops at ±{args.trace_rtol:g}" if extra else ""))
 
     def run_spectrum(obj: Any, args: Any, ctx: Any, members: list[str]):
-        total = args.density_probes * args.density_steps + (args.max_hvp if "trace" in members else 0)
-        bar, prog = _cli_progress(ctx, total, "+".join(members))
+        bar, prog = _cli_progress(ctx, est_spectrum(obj, args, members).n_hvp, "+".join(members))
         try:
             res = spectrum(obj, args.density_probes, args.density_steps, eigen="hessian" in members, k=args.k,
                            k_bottom=args.k_bottom, tol=args.tol, eig_max_iter=args.eig_max_iter, stop=args.eig_stop,

@@ -557,10 +557,9 @@ def select_kernel(
     already takes ``prune`` times the best median so far is not timed again (it cannot win; on CPU,
     where ``graph_reuse`` usually wins by 1.4x or more, this saves 4 of the 12 HVP timings). With 2
     timed calls instead of 3 the choice flipped to a 1.5x slower kernel in one of two benchmark runs on
-    a noisy VM, so the winner keeps 3. A
-    kernel that raises (e.g. no forward-mode AD formula) or whose result differs from the first
-    working kernel's by more than ``agree_rtol`` (relative, default ``sqrt(eps) / 10`` of the dtype)
-    is excluded, with the reason in ``errors``.
+    a noisy VM, so the winner keeps 3. A kernel that raises (e.g. no forward-mode AD formula) or whose
+    result differs from the first working kernel's by more than ``agree_rtol`` (relative, default
+    ``sqrt(eps) / 10`` of the dtype) is excluded, with the reason in ``errors``.
     """
     bad = [c for c in candidates if c not in KERNELS]
     if bad or not candidates:

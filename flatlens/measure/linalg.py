@@ -1530,10 +1530,10 @@ def slq_density(
             alphas[i].append(a)
             last_beta[i] = b
             anorm = max(abs(x) for x in alphas[i]) + max(betas[i], default=0.0)
-            going = j + 1 < m and b > 100.0 * eps * max(anorm, 1e-300)
+            live = b > 100.0 * eps * max(anorm, 1e-300)  # not yet an invariant subspace
+            going = j + 1 < m and live
             if keep_basis and i == 0 and not going:
-                nxt = w / b if b > 100.0 * eps * max(anorm, 1e-300) else None
-                state = LanczosState(Q[0, : j + 1].clone(), list(alphas[0]), list(betas[0]), b, nxt)
+                state = LanczosState(Q[0, : j + 1].clone(), list(alphas[0]), list(betas[0]), b, w / b if live else None)
             if going:
                 betas[i].append(b)
                 Q[i, j + 1] = w / b
