@@ -261,11 +261,12 @@ def test_every_measure_is_side_effect_free_and_seeded_bitwise():
         runs.append((fl.hessian.eigenvalues(obj, k=2, k_bottom=1, seed=7), fl.hessian.trace(obj, rtol=0.05, seed=7),
                      fl.hessian.layer_traces(obj, by="tensor", max_hvp=40, seed=7),
                      fl.hessian.density(obj, n_probes=2, n_steps=6, seed=7),
-                     fl.hessian.power_iteration(obj, k=1, seed=7)))
+                     fl.hessian.power_iteration(obj, k=1, seed=7), fl.hessian.eigenvalues(obj, k=1, seed=7)))
         after = _snapshot(net)
         assert after[0] == before[0] and torch.equal(after[1], before[1]) and after[2] == before[2]
     assert net.training and torch.equal(net[4].weight.grad, torch.ones_like(net[4].weight))
-    (e1, t1, l1, d1, p1), (e2, t2, l2, d2, p2) = runs
+    (e1, t1, l1, d1, p1, g1), (e2, t2, l2, d2, p2, g2) = runs
+    assert g1.start == "gradient" and torch.equal(g1.values, g2.values) and g1.n_hvp == g2.n_hvp
     assert torch.equal(e1.values, e2.values) and torch.equal(e1.bottom, e2.bottom) and e1.n_hvp == e2.n_hvp
     assert t1.estimate == t2.estimate and torch.equal(t1.samples, t2.samples) and t1.stderr == t2.stderr
     assert torch.equal(l1.layers.estimates, l2.layers.estimates)

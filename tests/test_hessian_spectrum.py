@@ -138,7 +138,7 @@ def test_sharpness_plan_joins_density_with_hessian_and_hutchpp_trace_only():
     builtin_measures()
 
     def labels(names, **kw):
-        args = argparse.Namespace(**{"shared_krylov": True, "trace_method": "hutchpp", **kw})
+        args = argparse.Namespace(**{"shared_krylov": True, "trace_method": "hutchpp", "eig_start": "auto", **kw})
         return [s.label for s in plan(names, args)]
 
     assert labels(["hessian", "trace", "density", "landscape"]) == ["hessian+trace+density", "landscape"]
@@ -147,3 +147,6 @@ def test_sharpness_plan_joins_density_with_hessian_and_hutchpp_trace_only():
     assert labels(["trace", "density"], trace_method="xtrace") == ["trace", "density"]
     assert labels(["hessian", "trace"]) == ["hessian", "trace"]  # no density: nothing to share
     assert labels(["hessian", "density"], shared_krylov=False) == ["hessian", "density"]
+    assert labels(["hessian", "trace", "density"], eig_start="random") == ["hessian+trace+density"]
+    # an explicit gradient start cannot come from the density's probe: hessian runs apart
+    assert labels(["hessian", "trace", "density"], eig_start="gradient") == ["hessian", "trace+density"]

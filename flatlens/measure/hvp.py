@@ -250,6 +250,7 @@ class HessianVectorProduct:
         self._graphs: list[tuple[list[Tensor], list[int], int]] | None = None
         self._leaves: list[Tensor] | None = None
         self._versions: list[int] | None = None
+        self._grad: Tensor | None = None
         self._vector_ok = True
         if kernel == "auto":
             self.selection = select_kernel(loss_fn, params, batches[0], candidates=candidates)
@@ -300,17 +301,37 @@ class HessianVectorProduct:
         leaves = self._fresh_leaves()
         graphs = []
         total = 0
+        gsum = [torch.zeros_like(p) for p in leaves]
         with torch.enable_grad():
             for batch in self.batches:
                 loss, n = self.loss_fn(self._as_dict(leaves), batch)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
                 graphs.append(([grads[i] for i in idx], idx, self._n(n)))
+                for a, g in zip(gsum, grads):
+                    if g is not None:
+                        a.add_(g.detach())
                 total += self._n(n)
-        self._record_n(total)
+        total = self._record_n(total)
         self._leaves = leaves
         self._graphs = graphs
         self._versions = self._param_versions()
+        self._grad = flatten([a / total for a in gsum])
+
+    def _ensure_graphs(self) -> None:
+        """Build the retained graphs, rebuilding them if a parameter changed in place since."""
+        if self._graphs is not None and self._param_versions() != self._versions:
+            self.release()
+        self.prepare()
+
+    def gradient(self) -> Tensor:
+        """Flat mean gradient. Under ``graph_reuse`` it is a by-product of building the retained graphs,
+        which the HVPs need anyway (no extra pass); other kernels spend one forward+backward."""
+        if self.kernel != "graph_reuse":
+            return self.loss_and_grad()[1]
+        self._ensure_graphs()
+        assert self._grad is not None
+        return self._grad.clone()
 
     def _param_versions(self) -> list[int]:
         return [p._version for p in self._primal.values()]
@@ -320,6 +341,7 @@ class HessianVectorProduct:
         self._graphs = None
         self._leaves = None
         self._versions = None
+        self._grad = None
 
     def _second_backward(self, gsel: list[Tensor], idx: list[int], leaves: list[Tensor], v: list[Tensor],
                          b: int | None, retain: bool) -> list[Tensor]:
@@ -348,9 +370,7 @@ class HessianVectorProduct:
         return [torch.stack([c[i] for c in cols]) for i in range(len(leaves))]
 
     def _hvp_graph_reuse(self, v: list[Tensor], b: int | None) -> tuple[list[Tensor], int]:
-        if self._graphs is not None and self._param_versions() != self._versions:
-            self.release()  # a parameter changed in place since the graphs were built: rebuild them
-        self.prepare()
+        self._ensure_graphs()
         assert self._graphs is not None and self._leaves is not None
         acc = self._zeros_like_params(b)
         total = 0

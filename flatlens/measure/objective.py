@@ -251,6 +251,20 @@ class Objective:
         self.n_grad += 1
         return float(total) / self.n_samples, flat / self.n_samples
 
+    def hvp_gradient(self) -> tuple[Tensor, bool]:
+        """Flat gradient of the mean loss through the HVP engine, and whether a pass was spent on it.
+
+        Under the ``graph_reuse`` kernel the gradient comes with the retained graphs the HVPs are
+        built on, so it costs nothing extra (``False``); other kernels spend one forward+backward
+        (``True``, counted in ``n_grad``). Used to start Lanczos from the gradient direction.
+        """
+        with self._eval():
+            eng = self.hvp_engine
+            spent = eng.kernel != "graph_reuse"
+            out = self._global(eng.gradient())
+        self.n_grad += int(spent)
+        return out, spent
+
     def hvp(self, v: Tensor) -> Tensor:
         """Flat ``H v`` (H = Hessian of the mean loss w.r.t. the space's parameters)."""
         with self._eval():
