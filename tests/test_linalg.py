@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import flatlens.measure.linalg as L
+
 from flatlens.measure.linalg import (
     SymmetricOperator,
     blockwise_trace,
@@ -417,3 +419,43 @@ def test_slq_breakdown_grid_and_sigma():
         slq_density(L, n_probes=0)
     with pytest.raises(ValueError):
         slq_density(L, sigma=-1.0)
+
+
+def _long_float32_operator(n=3_000_000):
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(n, generator=g, dtype=torch.float64) ** 40 * 0.01  # a bulk near 0, as a Hessian's
+    top = torch.tensor([1108.0, 719.0, 541.0, 430.0, 323.0], dtype=torch.float64)
+    d[:5] = top
+    d32 = d.float()
+    op = L.SymmetricOperator(lambda v: d32 * v, n, dtype=torch.float32, device="cpu")
+    v0 = torch.randn(n, generator=g, dtype=torch.float64)
+    v0[:5] *= 300  # the start already leans to the top, as a gradient start does
+    return op, v0.float(), top
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_lanczos_on_long_float32_vectors_stays_inside_the_spectrum(monkeypatch, blocked):
+    """float32 BLAS reductions over millions of entries are off by ~1e-4; unblocked, Lanczos' T breaks and
+    its top Ritz value leaves the spectrum with a tiny "certified" residual. Blocked sums keep it right."""
+    op, v0, top = _long_float32_operator()
+    if not blocked:
+        monkeypatch.setattr(L, "_BLOCK", 1 << 40)  # the old, unblocked reductions: must show the failure
+    r = L.lanczos_eigenvalues(op, k_top=3, tol=1e-6, v0=v0)
+    err = float(((r.values - top[:3]).abs() / top[:3]).max())
+    if blocked:
+        assert err <= 2e-5 and float(r.values[0]) <= 1108.0 * (1 + 1e-5), r.values
+    else:
+        assert err > 1e-4  # the failure this guards against is real on this machine's BLAS
+
+
+def test_blocked_reductions_match_float64():
+    g = torch.Generator().manual_seed(1)
+    n = 2_000_000
+    a = (torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 8 * 100).float()
+    Q = torch.stack([a / a.norm(), torch.randn(n, generator=g)])
+    exact = float(a.double() @ a.double())
+    assert abs(L._dot(a, a) - exact) <= 1e-5 * exact
+    assert L._norm(a) == pytest.approx(math.sqrt(exact), rel=1e-5)
+    assert torch.allclose(L._rows_dot(Q, a).double(), Q.double() @ a.double(), rtol=1e-5, atol=1e-5 * math.sqrt(exact))
+    small = torch.randn(100, dtype=torch.float64, generator=g)
+    assert L._dot(small, small) == float(small @ small)  # short or float64: plain BLAS

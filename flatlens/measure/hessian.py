@@ -554,7 +554,7 @@ def _start_vector(src: _Source, start: Any, k: int, k_bottom: int,
     g, spent = src.obj.hvp_gradient()
     z = L.rademacher(n, 1, gen, src.op.dtype, src.op.device)[:, 0] / math.sqrt(n)
     g = g.to(dtype=z.dtype, device=z.device)
-    gn = float(torch.linalg.vector_norm(g))
+    gn = L._norm(g)
     if not (gn > 0 and math.isfinite(gn)):  # at a stationary point (or a broken loss) the gradient says nothing
         return z, "random (zero or non-finite gradient)", int(spent)
     return z + g / gn, "gradient", int(spent)

@@ -219,8 +219,40 @@ def _draw(kind: str, n: int, b: int, g: torch.Generator, dtype: torch.dtype, dev
 # --------------------------------------------------------------------------------------------------
 
 
+_BLOCK = 1 << 16
+"""Reductions over a parameter-sized axis are summed in blocks of this many entries, the blocks' partial
+sums in float64. One float32 BLAS ``dot``/``gemv``/``vector_norm`` over ~10^7 entries is only good to
+~1e-4..1e-3 relative on CPU (measured on ResNet-18's 11 M parameters); Lanczos' ``alpha``/``beta`` then
+break the relation ``H Q = Q T + ...`` and its Ritz values leave the spectrum (1114.6 against
+lambda_max 1108.3, with a "certified" residual of 0.27). Blocked, the error is ~1e-6 at the same speed."""
+
+
+def _blocked(a: Tensor) -> bool:
+    return a.dtype != torch.float64 and a.shape[-1] > _BLOCK
+
+
 def _dot(a: Tensor, b: Tensor) -> float:
-    return float(torch.dot(a.reshape(-1), b.reshape(-1)).double())
+    """``a . b`` as a float, accurate for long low-precision vectors (see :data:`_BLOCK`)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if not _blocked(a):
+        return float(torch.dot(a, b).double())
+    parts = [torch.dot(a[s:s + _BLOCK], b[s:s + _BLOCK]) for s in range(0, a.numel(), _BLOCK)]
+    return float(torch.stack(parts).double().sum())
+
+
+def _norm(a: Tensor) -> float:
+    """Euclidean norm of a vector, accurate for long low-precision vectors (see :data:`_BLOCK`)."""
+    if not _blocked(a.reshape(-1)):
+        return float(torch.linalg.vector_norm(a).double())
+    return math.sqrt(max(_dot(a, a), 0.0))
+
+
+def _rows_dot(Q: Tensor, w: Tensor) -> Tensor:
+    """``Q @ w`` for ``m x n`` rows ``Q``, accurate for long low-precision vectors (see :data:`_BLOCK`)."""
+    if not _blocked(Q):
+        return Q @ w
+    parts = [Q[:, s:s + _BLOCK] @ w[s:s + _BLOCK] for s in range(0, Q.shape[1], _BLOCK)]
+    return torch.stack(parts).double().sum(dim=0).to(Q.dtype)
 
 
 def _check_int(name: str, value: Any, lo: int, fix: str) -> int:
@@ -260,7 +292,7 @@ def _orthogonalize_(w: Tensor, Q: Tensor, passes: int = 2) -> Tensor:
     if Q.shape[0] == 0:
         return w
     for _ in range(passes):
-        w -= Q.T @ (Q @ w)
+        w -= Q.T @ _rows_dot(Q, w)
     return w
 
 
@@ -481,7 +513,7 @@ def lanczos_eigenvalues(
         if not isinstance(v0, Tensor) or v0.shape != (n,):
             raise ValueError(f"v0 must be a 1-D tensor of length {n}; pass a start vector of the operator's size.")
         q = v0.detach().to(dtype=dtype, device=device).clone()
-        nrm = float(torch.linalg.vector_norm(q))
+        nrm = _norm(q)
         if not nrm > 0 or not math.isfinite(nrm):
             raise ValueError("v0 has zero or non-finite norm; pass a nonzero finite start vector.")
         Q[0] = q / nrm
@@ -513,7 +545,7 @@ def lanczos_eigenvalues(
             if j > 0 and betas[j - 1] != 0.0:
                 w -= betas[j - 1] * Q[j - 1]
             _orthogonalize_(w, Q[: j + 1], reorth_passes)
-            beta = float(torch.linalg.vector_norm(w).double())
+            beta = _norm(w)
             alphas.append(alpha)
             m = j + 1
         step = True
@@ -546,9 +578,9 @@ def lanczos_eigenvalues(
             betas.append(0.0)
             restarts += 1
             r = rademacher(n, 1, gen, dtype, device)[:, 0]
-            r0 = float(torch.linalg.vector_norm(r))
+            r0 = _norm(r)
             _orthogonalize_(r, Q[:m], 2)
-            rn = float(torch.linalg.vector_norm(r))
+            rn = _norm(r)
             if rn <= 1e3 * eps * r0:  # the basis spans everything reachable: nothing left
                 break
             Q[m] = r / rn
@@ -1526,7 +1558,7 @@ def slq_density(
             if j > 0:
                 w -= betas[i][j - 1] * Q[i, j - 1]
             _orthogonalize_(w, Q[i, : j + 1], reorth_passes)
-            b = float(torch.linalg.vector_norm(w).double())
+            b = _norm(w)
             alphas[i].append(a)
             last_beta[i] = b
             anorm = max(abs(x) for x in alphas[i]) + max(betas[i], default=0.0)
