@@ -1,5 +1,5 @@
 """2 gloo processes (each holding half the samples, HVPs all-reduced) give the 1-process eigenvalues
-(random and gradient start), traces, density and spectrum() within 1e-5; the CLI under torchrun writes the same /hessian group (slow test)."""
+(random and gradient start), traces (Hutch++ and the exact Gauss-Newton one), density and spectrum() within 1e-5; the CLI under torchrun writes the same /hessian group (slow test)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def _measure(obj):
     dens = fl.hessian.density(obj, n_probes=2, n_steps=6, seed=1)
     top1 = fl.hessian.eigenvalues(obj, k=1, tol=1e-8, max_iter=60)  # gradient start: an all-reduced gradient
     sp = fl.hessian.spectrum(obj, 2, 6, k=1, rtol=None, max_hvp=20, layers="none", seed=1)
-    return {"top": eig.values, "bottom": eig.bottom, "eig_hvp": eig.n_hvp, "trace": tr.estimate,
+    gn = fl.hessian.trace(obj, "gauss-newton", seed=1)  # per-rank samples, all-reduced diagonal and check
+    return {"gn": gn.estimate, "gn_layers": gn.layers.estimates, "gn_backward": gn.details["n_backward"],
+            "gn_check_samples": gn.details["check_samples"],"top": eig.values, "bottom": eig.bottom, "eig_hvp": eig.n_hvp, "trace": tr.estimate,
             "stderr": tr.stderr, "layers": tr.layers.estimates, "nodes": dens.nodes,
             "top1": top1.values, "top1_start": top1.start, "top1_hvp": top1.n_hvp,
             "sp_top": sp.eigen.values, "sp_trace": sp.trace.estimate, "sp_nodes": sp.density.nodes,
@@ -54,7 +56,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     two = torch.load(out)
     assert two["world"] == 2 and one["world"] == 1 and two["n"] == one["n"] == 64
     assert one["top1_start"] == two["top1_start"] == "gradient" and one["top1_hvp"] == two["top1_hvp"]
-    for key in ("top", "bottom", "layers", "top1", "sp_top"):
+    assert two["gn_backward"] == one["gn_backward"] and two["gn_check_samples"] == 2 * one["gn_check_samples"]
+    assert two["gn"] == pytest.approx(one["gn"], rel=1e-5)
+    for key in ("top", "bottom", "layers", "top1", "sp_top", "gn_layers"):
         assert torch.allclose(two[key], one[key], rtol=1e-5, atol=1e-5 * float(one["top"][0])), key
     assert two["trace"] == pytest.approx(one["trace"], rel=1e-5)
     assert two["sp_trace"] == pytest.approx(one["sp_trace"], rel=1e-5)

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             name = step.label
             est = step.estimate(obj, args)
             hvp_s = _hvp_seconds(obj, t_forward) if est.n_hvp else 0.0
-            eta = est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward
+            eta = est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward + (est.seconds or 0.0)
             say(f"[{name}] predicted cost: {est.n_hvp} HVPs, {est.n_forward} forward passes"
                 + (f", {est.n_grad} gradients" if est.n_grad else "") + f" ≈ {_fmt_seconds(eta)}"
                 + (f" ({est.note})" if est.note else ""))

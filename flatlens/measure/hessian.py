@@ -395,6 +395,8 @@ class TraceEstimate(_Stored):
     exact_part: float = 0.0
     sketch_size: int = 0
     layers: LayerTraces | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    """Method-specific facts, stored as ``trace_<key>`` attributes (gauss-newton: its check, backward passes)."""
 
     MEASURE = "trace"
     PREFIXES = ("trace_", "layer_", "quant_")
@@ -418,7 +420,8 @@ class TraceEstimate(_Stored):
         attrs = {**self._shared(), **self._costs("trace_"), "trace_method": self.method, "trace_rtol": self.rtol,
                  "trace_level": float(self.level), "trace_max_hvp": int(self.max_hvp),
                  "trace_converged": bool(self.converged), "trace_exact_part": float(self.exact_part),
-                 "trace_sketch_size": int(self.sketch_size), "trace_rel_half_width": float(self.rel_half_width)}
+                 "trace_sketch_size": int(self.sketch_size), "trace_rel_half_width": float(self.rel_half_width),
+                 **{f"trace_{k}": v for k, v in self.details.items()}}
         lt = self.layers
         if lt is not None:
             ds.update(layer_names=list(lt.names), layer_traces=_f64(lt.estimates), layer_trace_stderr=_f64(lt.stderr),
@@ -441,7 +444,14 @@ class TraceEstimate(_Stored):
     def summary(self) -> list[tuple[str, str]]:
         pct = 100 * self.rel_half_width
         state = "" if self.converged else f"; rtol {self.rtol} NOT met within {self.max_hvp} HVPs"
-        rows = [("trace", f"{self.estimate:.6g} ± {self.half_width:.3g} ({100 * self.level:.0f}% CI, ±{pct:.2f}%){state}")]
+        if self.method == "gauss-newton":
+            d = self.details
+            check = (f"checked: max |D'RD|/D'GD {d['check_max_ratio']:.1e} <= {d['check_rtol']:g}"
+                     if d.get("check") else "NOT checked")
+            rows = [("trace", f"{self.estimate:.6g} (exact: Gauss-Newton identity of a piecewise-linear net; {check})")]
+        else:
+            rows = [("trace", f"{self.estimate:.6g} ± {self.half_width:.3g} ({100 * self.level:.0f}% CI, "
+                              f"±{pct:.2f}%){state}")]
         if self.layers is not None:
             lt = self.layers
             top = int(torch.argmax(lt.estimates.abs())) if lt.estimates.numel() else 0
@@ -450,7 +460,8 @@ class TraceEstimate(_Stored):
             if lt.quant is not None and lt.quant.names:
                 rows.append(("QGen noise term", f"sum_l s_l^2/24 tr(H_l) = {lt.quant.total:.4g} over {len(lt.quant.names)} "
                              "quantized layers"))
-        rows.append(("trace cost", f"{self.n_hvp} HVPs, {self.seconds:.2f} s, {self.method}"))
+        extra = f", {self.details['n_backward']} per-sample backward passes" if "n_backward" in self.details else ""
+        rows.append(("trace cost", f"{self.n_hvp} HVPs{extra}, {self.seconds:.2f} s, {self.method}"))
         return rows
 
 
@@ -857,7 +868,7 @@ def _layer_result(blocks: _Blocks, raw: dict[str, Any], level: float, layer_rtol
         converged=torch.as_tensor(conv, dtype=torch.bool), rtol=layer_rtol, quant=quant)
 
 
-TRACE_METHODS = ("hutchpp", "xtrace", "hutchinson")
+TRACE_METHODS = ("hutchpp", "xtrace", "hutchinson", "gauss-newton")
 
 
 def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_hvp: int = 100, seed: int = 0,
@@ -885,6 +896,8 @@ def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_h
     if method not in TRACE_METHODS:
         raise FlatlensError(f"trace method {method!r} unknown; choose from {', '.join(TRACE_METHODS)}")
     src = _source(obj)
+    if method == "gauss-newton":
+        return _gauss_newton_trace(src, seed, layers=layers, blocks=blocks, progress=progress)
     op = _Counted(src.op, progress)
     gen = seeded_generator(seed, "trace", 0)
     bl = None
@@ -907,6 +920,34 @@ def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_h
         seconds = time.perf_counter() - t0
     return _trace_estimate(raw, src, bl, op.n_matvec, seconds, seed, method=method, rtol=rtol, max_hvp=max_hvp,
                            level=level, layer_rtol=layer_rtol, layer_floor=layer_floor)
+
+
+def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequence[tuple[str, int]] | None,
+                        progress: Progress | None) -> TraceEstimate:
+    """:func:`trace` with ``method="gauss-newton"``: the exact diagonal, summed per block (no probes)."""
+    from flatlens.measure.gauss_newton import hessian_diagonal
+
+    if src.obj is None:
+        raise FlatlensError("trace method 'gauss-newton' needs an Objective (model + samples); use 'hutchpp'")
+    with src.guard(), _user_errors():
+        bl = _blocks_for(src, layers, blocks)
+        gn = hessian_diagonal(src.obj, seed=seed, progress=progress)
+        tr = gn.trace
+        raw: dict[str, Any] = {"estimate": tr, "stderr": 0.0, "ci_low": tr, "ci_high": tr, "exact": tr, "sketch": 0,
+                               "samples": np.zeros(0), "converged": True}
+        if bl is not None:
+            el, eq = _Accumulator(bl)(gn.diagonal[:, None])
+            raw["layers"] = (el[:, 0], np.zeros((0, el.shape[0])))
+            raw["quant"] = (eq[:, 0], np.zeros((0, eq.shape[0])))
+    pl = gn.check
+    res = _trace_estimate(raw, src, bl, 0, gn.seconds, seed, method="gauss-newton", rtol=None, max_hvp=0, level=0.95,
+                          layer_rtol=None, layer_floor=0.01)
+    res.details = {"n_backward": gn.n_backward, "check": pl is not None,
+                   "check_max_ratio": pl.max_ratio if pl else math.nan, "check_worst": pl.worst if pl else "",
+                   "check_rtol": pl.rtol if pl else math.nan, "check_samples": pl.n_samples if pl else 0,
+                   "identity": "tr(H) = tr(GGN): exact for piecewise-linear networks (per-tensor Hessian blocks "
+                               "equal the Gauss-Newton blocks)"}
+    return res
 
 
 def _check_trace_args(rtol: Any, layer_rtol: Any, level: Any, min_samples: Any,
@@ -1161,7 +1202,9 @@ def _add_hessian_args(g: Any) -> None:
 
 
 def _add_trace_args(g: Any) -> None:
-    g.add_argument("--trace-method", default="hutchpp", choices=TRACE_METHODS, help="trace estimator")
+    g.add_argument("--trace-method", default="hutchpp", choices=TRACE_METHODS,
+                   help="trace estimator; gauss-newton: exact for piecewise-linear nets (ReLU, pooling, eval BatchNorm), "
+                        "checked first, C-1 per-sample backward passes, no HVPs")
     g.add_argument("--trace-rtol", type=float, default=0.01, help="stop at this relative 95%% CI half-width (0: spend --max-hvp)")
     g.add_argument("--max-hvp", type=int, default=100, help="most HVPs for the trace")
     g.add_argument("--trace-level", type=float, default=0.95, help="confidence level of the interval")
@@ -1214,10 +1257,16 @@ def _register() -> None:
         return _output(res, ctx=ctx)
 
     def est_trace(obj: Any, args: Any) -> Estimate:
+        if args.trace_method == "gauss-newton":
+            from flatlens.measure.gauss_newton import predicted_seconds
+
+            return Estimate(seconds=predicted_seconds(obj), note="exact Gauss-Newton diagonal: one forward and C-1 "
+                            f"backward passes per sample ({obj.n_local} here), timed on one sample")
         return Estimate(n_hvp=args.max_hvp, note=f"at most; stops at ±{args.trace_rtol:g} relative ({args.trace_method})")
 
     def run_trace(obj: Any, args: Any, ctx: Any):
-        bar, prog = _cli_progress(ctx, args.max_hvp, "trace")
+        gn = args.trace_method == "gauss-newton"
+        bar, prog = _cli_progress(ctx, obj.n_local if gn else args.max_hvp, "trace (samples)" if gn else "trace")
         try:
             res = trace(obj, args.trace_method, rtol=args.trace_rtol or None, max_hvp=args.max_hvp, seed=args.seed,
                         level=args.trace_level, layers=args.layers if args.trace_method != "xtrace" else "none",
@@ -1250,7 +1299,7 @@ def _register() -> None:
         if not getattr(args, "shared_krylov", True) or "density" not in names:
             return []
         return [n for n in names if n == "density" or (n == "hessian" and getattr(args, "eig_start", "auto") != "gradient")
-                or (n == "trace" and args.trace_method == "hutchpp")]
+                or (n == "trace" and args.trace_method == "hutchpp")]  # other trace methods (gauss-newton) run apart
 
     def est_spectrum(obj: Any, args: Any, members: list[str]) -> Estimate:
         dens = args.density_probes * args.density_steps

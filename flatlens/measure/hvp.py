@@ -57,6 +57,7 @@ __all__ = [
     "LossFn",
     "KERNELS",
     "make_loss_fn",
+    "make_forward_fn",
     "HessianVectorProduct",
     "KernelSelection",
     "select_kernel",
@@ -84,6 +85,40 @@ def _default_unpack(batch: Any) -> tuple[tuple, Any, int]:
         )
     n = int(y.shape[0]) if isinstance(y, Tensor) and y.ndim > 0 else int(x.shape[0])
     return (x,), y, n
+
+
+def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callable[[Mapping[str, Tensor], tuple], Any]:
+    """``forward(params, inputs) -> model(*inputs)`` with the parameters named in ``params`` swapped in.
+
+    Parameters not in ``params`` enter as detached aliases (constants: no graph is built through them);
+    buffers are the module's own. A module in training mode is refused unless ``allow_training``, in
+    which case buffers are passed as fresh copies so the module is not modified. This is the one place
+    that calls the model functionally; :func:`make_loss_fn` and the per-sample Gauss-Newton passes
+    (:mod:`flatlens.measure.gauss_newton`) both go through it.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model is a {type(model).__name__}; pass a torch.nn.Module.")
+    param_names = [name for name, _ in model.named_parameters()]
+    buffer_names = [name for name, _ in model.named_buffers()]
+
+    def forward(params: Mapping[str, Tensor], inputs: tuple) -> Any:
+        training = [name for name, m in model.named_modules() if m.training]
+        if training and not allow_training:
+            where = training[0] or "<root>"
+            raise ValueError(
+                f"module {where!r} is in training mode; call model.eval() first (or pass allow_training=True)."
+            )
+        own = dict(model.named_parameters())
+        merged: dict[str, Tensor] = {name: own[name].detach() for name in param_names if name not in params}
+        unknown = [k for k in params if k not in own]
+        if unknown:
+            raise ValueError(f"parameter {unknown[0]!r} is not in the model; pass names from model.named_parameters().")
+        merged.update(params)
+        if allow_training and training:
+            merged.update({name: b.clone() for name, b in model.named_buffers() if name in buffer_names})
+        return torch.func.functional_call(model, merged, inputs)
+
+    return forward
 
 
 def make_loss_fn(
@@ -116,34 +151,16 @@ def make_loss_fn(
     sample (``reduction="none"``), the objective is ``0.5 ||X w - y||^2 / N`` and its Hessian is
     ``X^T X / N``.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model is a {type(model).__name__}; pass a torch.nn.Module.")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r}; pass 'mean', 'sum' or 'none' (what criterion returns).")
     if criterion is None:
         criterion = torch.nn.functional.cross_entropy
     unpack = unpack or _default_unpack
-    param_names = [name for name, _ in model.named_parameters()]
-    buffer_names = [name for name, _ in model.named_buffers()]
+    forward = make_forward_fn(model, allow_training=allow_training)
 
     def loss_fn(params: Mapping[str, Tensor], batch: Any) -> tuple[Tensor, int]:
-        training = [name for name, m in model.named_modules() if m.training]
-        if training and not allow_training:
-            where = training[0] or "<root>"
-            raise ValueError(
-                f"module {where!r} is in training mode; call model.eval() first (or pass allow_training=True)."
-            )
-        own = dict(model.named_parameters())
-        merged: dict[str, Tensor] = {name: own[name].detach() for name in param_names if name not in params}
-        unknown = [k for k in params if k not in own]
-        if unknown:
-            raise ValueError(f"parameter {unknown[0]!r} is not in the model; pass names from model.named_parameters().")
-        merged.update(params)
-        if allow_training and training:
-            merged.update({name: b.clone() for name, b in model.named_buffers() if name in buffer_names})
         inputs, target, n = unpack(batch)
-        out = torch.func.functional_call(model, merged, inputs)
-        loss = criterion(out, target)
+        loss = criterion(forward(params, inputs), target)
         if reduction == "mean":
             loss = loss * n
         elif reduction == "none":

@@ -31,6 +31,8 @@ class Estimate:
     n_forward: int = 0
     n_grad: int = 0
     note: str = ""
+    seconds: float | None = None
+    """Set when the cost is not in passes (e.g. per-sample backward passes): the measured prediction."""
 
 
 @dataclass
