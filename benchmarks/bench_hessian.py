@@ -35,6 +35,11 @@ What is run and timed, per model (every timed call on the same prepared operator
   --measures hessian,trace,density`` runs), on an Objective with batches of ``--batch-size`` whose HVP
   kernel was chosen once by ``kernel="auto"`` (timing each kernel on one batch; this one-off
   selection is timed and added to the flatlens side of the wall-clock goal).
+* the exact trace, ``hessian.trace(obj, "gauss-newton")``, where :func:`gauss_newton.check_piecewise_linear`
+  passes (ResNet-18: ReLU, max/avg pooling, eval BatchNorm; MNIST-CNN's GroupNorm is refused): its
+  seconds, also as "HVPs' time" (seconds / seconds per HVP of the selected kernel), and its agreement
+  with the reference Hutch++ (in that estimate's standard errors). Goals G4 and G7 get an "exact route"
+  line beside the estimator's line.
 * HVP kernel cost: per probe, relative to one gradient (forward + backward) over the same Objective's
   samples, for each kernel on single probes and for ``graph_reuse`` on a block of 8 probes with a
   batched second backward (``is_grads_batched``); medians over ``--repeats``.
@@ -87,6 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flatlens as fl  # noqa: E402
 from flatlens.config import ModelConfig  # noqa: E402
+from flatlens.measure import gauss_newton as GN  # noqa: E402
 from flatlens.measure import hessian as H  # noqa: E402
 from flatlens.measure.hvp import HessianVectorProduct, make_loss_fn  # noqa: E402
 from flatlens.measure.objective import Objective  # noqa: E402
@@ -267,6 +273,22 @@ def bench_model(arch: str, n: int, args, counter: PyHessianCounter) -> dict:
           f"trace {ref_tr.estimate:.6g} ± {100 * ref_tr.rel_half_width:.2f}% (95% CI, Hutch++ {ref_tr.n_hvp} HVPs)",
           flush=True)
 
+    # the exact Gauss-Newton trace, where the network is piecewise linear (checked per tensor)
+    chk = GN.check_piecewise_linear(obj, seed=args.seed)
+    res["gn_check"] = {"passed": chk.passed, "max_ratio": chk.max_ratio, "worst": chk.worst}
+    res["gn"] = []
+    if chk.passed:
+        for seed in seeds:
+            res["gn"].append(H.trace(obj, "gauss-newton", seed=seed, layers="none"))
+        g0 = res["gn"][0]
+        print(f"exact Gauss-Newton trace {g0.estimate:.6g} (check max |D'RD|/D'GD {chk.max_ratio:.1e}; "
+              f"{g0.details['n_backward']} per-sample backward passes, median {med([t.seconds for t in res['gn']]):.1f} s); "
+              f"reference Hutch++ {ref_tr.estimate:.6g}: difference {abs(g0.estimate - ref_tr.estimate) / ref_tr.stderr:.2f} "
+              "of its standard errors", flush=True)
+    else:
+        print(f"exact Gauss-Newton trace: refused, not piecewise linear (tensor {chk.worst!r}: |D'RD|/D'GD "
+              f"{chk.max_ratio:.2g} > {chk.rtol:g})", flush=True)
+
     # kernel costs (G6)
     res["kcost"] = kernel_costs(obj, max(2, args.repeats))
     kc = res["kcost"]
@@ -402,6 +424,21 @@ def report_model(res: dict, args, goals: list) -> None:
         [t.seconds for t in ft], f"{med(ft_err):.1e} (max {max(ft_err):.1e})",
         f"95% CI ±{100 * med(ft_hw):.2f}% (max ±{100 * max(ft_hw):.2f}%), "
         f"{sum(t.converged for t in ft)}/{len(ft)} met ±1%")
+    hvp_s = res["kcost"]["gradient_s"] * res["kcost"].get(res["kernel"], math.nan)  # seconds per HVP, this kernel
+    gn = res["gn"]
+    if gn:
+        row("trace  flatlens trace('gauss-newton')", [t.n_hvp for t in gn], [t.seconds for t in gn],
+            f"{rel(gn[0].estimate, tr_ref):.1e} (ref. CI ±{100 * res['ref']['trace_rhw']:.2f}%)",
+            f"EXACT (piecewise-linear, checked); {gn[0].details['n_backward']} per-sample backward passes = "
+            f"{med([t.seconds for t in gn]) / hvp_s:.1f} HVPs' time")
+        ex = gn[0].estimate
+        print_exact = (f"  Hutch++ trace(rtol=0.01) against the EXACT trace {ex:.6g}: median error "
+                       f"{med([rel(t.estimate, ex) for t in ft]):.1e}, {sum(t.ci_low <= ex <= t.ci_high for t in ft)}"
+                       f"/{len(ft)} intervals contain it; PyHessian trace() median error {med([rel(t['estimate'], ex) for t in pt]):.1e}")
+    else:
+        rows.append(("trace  flatlens trace('gauss-newton')", "-", "-", "-", "-",
+                     f"refused: not piecewise linear ({res['gn_check']['worst']}, ratio {res['gn_check']['max_ratio']:.2g})"))
+        print_exact = ""
     # density
     fd = fl_r["density"]
     pd = res["py_density"]
@@ -434,6 +471,8 @@ def report_model(res: dict, args, goals: list) -> None:
     for r in rows:
         print("  " + "  ".join(c.ljust(wi) for c, wi in zip(r[:5], w)) + "  " + r[5])
 
+    if print_exact:
+        print(print_exact)
     # ratios
     hv_ratio1 = med([p["n_hvp"] for p in p1]) / med([e.n_hvp for e in f1])
     hv_ratio5 = med([p["n_hvp"] for p in p5]) / med([e.n_hvp for e in f5])
@@ -474,6 +513,16 @@ def report_model(res: dict, args, goals: list) -> None:
           f"{med([a.n_hvp + b.n_hvp for a, b in zip(f1, ft)]) + med([d.n_hvp for d in fd]):.0f} HVPs, trace "
           f"±{100 * med(ft_hw):.2f}%; ratio {ratio_apart:.2f}x at ±{100 * h_apart:.2f}%)")
 
+    if gn:  # top-1 + the exact trace + density, each run apart
+        fl_exact = med([e.seconds for e in f1]) + med([t.seconds for t in gn]) + d_s + res["select_s"]
+        py_exact, py_exact_trace_s, m_exact = py_total_at(0.01)
+        ratio_exact = py_exact / fl_exact
+        print(f"  wall-clock top-1 + EXACT trace + density (flatlens: eigenvalues(k=1) + trace('gauss-newton') + "
+              f"density(), apart):\n    PyHessian {py_exact:.1f} s (its trace to ±1.00%: {py_exact_trace_s:.1f} s, "
+              f"EXTRAPOLATED {m_exact:.0f} probes)\n    flatlens  {fl_exact:.1f} s = selection {res['select_s']:.1f} + "
+              f"top-1 {med([e.seconds for e in f1]):.2f} + exact trace {med([t.seconds for t in gn]):.2f} + density "
+              f"{d_s:.2f}\n    ratio {ratio_exact:.2f}x")
+
     tag = f"{arch}/{n}"
     cost1 = [e.n_hvp + e.n_grad for e in f1]  # a gradient spent on the start (not under graph_reuse) counts as one
     goal(f"G1 top-1 certified 1e-3, median <= 6 HVPs [{tag}]",
@@ -492,6 +541,12 @@ def report_model(res: dict, args, goals: list) -> None:
          all(t.rel_half_width <= 0.02 and t.n_hvp <= 100 for t in ft),
          f"half-widths {', '.join(f'{100 * t.rel_half_width:.2f}%' for t in ft)} at "
          f"{', '.join(str(t.n_hvp) for t in ft)} HVPs", goals)
+    if gn:
+        eq = med([t.seconds for t in gn]) / hvp_s
+        goal(f"G4 (exact route) trace to <= 2% in <= 100 HVPs' time, piecewise-linear net [{tag}]",
+             eq <= 100 and rel(gn[0].estimate, tr_ref) <= 3 * res["ref"]["trace_rhw"] / 1.96 + 1e-12,
+             f"gauss-newton: exact, {eq:.1f} HVPs' time; agrees with the reference Hutch++ within "
+             f"{rel(gn[0].estimate, tr_ref) / (res['ref']['trace_rhw'] / 1.96):.2f} of its standard errors", goals)
     kc = {k: v for k, v in res["kcost"].items() if k != "gradient_s"}
     best = min(kc, key=kc.get)
     goal(f"G6 cost per HVP <= 1.5x a gradient [{tag}]", kc[best] <= 1.5,
@@ -499,6 +554,10 @@ def report_model(res: dict, args, goals: list) -> None:
     goal(f"G7 wall-clock top-1 + trace + density >= 3x less than PyHessian [{tag}]", ratio >= 3.0,
          f"{ratio:.2f}x with spectrum() (PyHessian trace part extrapolated; flatlens trace ±{100 * med(jt_hw):.2f}%); "
          f"{ratio_apart:.2f}x run apart", goals)
+    if gn:
+        goal(f"G7 (exact trace) wall-clock top-1 + trace ±1% + density >= 3x less than PyHessian [{tag}]",
+             ratio_exact >= 3.0, f"{ratio_exact:.2f}x with trace('gauss-newton') (exact; PyHessian's trace to ±1% "
+             "extrapolated)", goals)
 
 
 # --------------------------------------------------------------------------------------------------

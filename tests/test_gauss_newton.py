@@ -195,3 +195,15 @@ def test_sharpness_cli_gauss_newton_trace(tiny_run, tmp_path):
     obj = Objective(run, samples=48, batch_size=16)
     hp = fl.hessian.trace(obj, rtol=None, max_hvp=90, seed=2, layers="none")
     assert abs(hp.estimate - gn_trace) <= 3.5 * hp.stderr, (hp.estimate, gn_trace, hp.stderr)
+
+
+def test_softmax_hessian_factor_reconstructs_the_softmax_hessian():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 7, generator=g, dtype=F64) * torch.tensor([0.1, 1, 3, 10, 40, 800], dtype=F64)[:, None]
+    B, keep = GN.softmax_hessian_factor(logits)
+    p = torch.softmax(logits, dim=1)
+    A = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    rebuilt = torch.einsum("icj,idj->icd", B * keep[:, None, :], B * keep[:, None, :])
+    assert torch.allclose(rebuilt, A, rtol=0, atol=1e-15)
+    assert (keep.sum(1) <= 6).all() and keep[0].sum() == 6  # at most C - 1; all C - 1 when no class underflows
+    assert keep[5].sum() < 6  # logits x 800: most probabilities underflow, their directions are dropped

@@ -104,15 +104,18 @@ class GaussNewtonDiagonal:
 def softmax_hessian_factor(logits: Tensor) -> tuple[Tensor, Tensor]:
     """``(U sqrt(lambda), keep)``: per sample, columns ``b_j`` with ``sum_j b_j b_j^T = diag(p) - p p^T``.
 
-    From an eigendecomposition in float64 (``logits``: ``n x C``). ``keep`` (``n x C`` bool) drops the
-    null direction (the ones vector) and eigenvalues at rounding level (``<= C eps max lambda``), whose
-    contribution is below float64 resolution; the rest are kept, however small.
+    From an eigendecomposition in float64 (``logits``: ``n x C``, eigenvalues ascending). ``keep``
+    (``n x C`` bool) drops the smallest eigenvalue, which is exactly zero (``A 1 = p - p (p^T 1) =
+    0``: the ones vector), and eigenvalues at rounding level (``<= C eps max lambda``: zero in exact
+    arithmetic, e.g. classes whose probability underflowed); the rest are kept, however small. So at
+    most ``C - 1`` backward passes per sample.
     """
     p = torch.softmax(logits.detach().double(), dim=1)
     A = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     lam, U = torch.linalg.eigh(A)
     floor = lam.shape[1] * torch.finfo(torch.float64).eps * lam.abs().amax(dim=1, keepdim=True)
     keep = lam > floor
+    keep[:, 0] = False
     return U * lam.clamp_min(0).sqrt()[:, None, :], keep
 
 

@@ -26,6 +26,8 @@ What each function does (the maths and error statements are in :mod:`flatlens.me
   QGen noise term ``E[delta^T H_ll delta] / 2 = sum_c (s_c^2 / 24) tr(H_cc)`` for uniform rounding
   noise ``delta_i ~ U(-s_c/2, s_c/2)`` with the layer's (per-channel) LSQ step sizes ``s_c`` -- exact in
   expectation for the quadratic model (per-channel diagonal blocks, no approximation of the step).
+  ``method="gauss-newton"``: all of these EXACTLY for piecewise-linear networks, from ``diag(H) =
+  diag(GGN)`` with per-sample backward passes and no probe (:mod:`flatlens.measure.gauss_newton`).
 * :func:`layer_traces` -- :func:`trace` with a stopping rule on every layer's interval.
 * :func:`density` -- stochastic Lanczos quadrature (``n_probes`` x ``n_steps`` HVPs, all probes of a
   step in one data pass) smoothed with a Gaussian kernel; works on torch 2.x (PyHessian 0.1's does not).
