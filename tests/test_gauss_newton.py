@@ -1,5 +1,6 @@
 """The exact Gauss-Newton trace (``trace(method="gauss-newton")``): equal to the dense Hessian's diagonal on
-piecewise-linear nets (BN in eval mode, residual + pooling, quantized in dequant and latent space), refused
+piecewise-linear nets (BN in eval mode, residual + pooling, quantized weights in dequant and latent space,
+4-bit activation quantizers), refused
 with a one-line error where the identity fails (tanh, GroupNorm), equal to diag(GGN) when the check is
 skipped, side-effect free, seeded, stored, and on the CLI."""
 
@@ -57,10 +58,23 @@ def _gn_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)).double().eval()
 
 
+def _act_quant_cnn():
+    """Weights and activations quantized to 4 bits (LSQ, straight-through): still piecewise linear."""
+    from flatlens.quant import attach_quantizers
+
+    net = _bn_cnn()
+    attach_quantizers(net, enabled=True, bits=4, per_channel=True, activations=True, act_bits=4, act_signed=True)
+    net.train()
+    with torch.no_grad():
+        net(_data()[0][0])  # initialise the activation step sizes (and BN stats) from a batch
+    return net.eval()
+
+
 PL_CASES = {
     "bn_cnn_all": lambda: Objective(_bn_cnn(), batches=_data(), include=("all",)),
     "resnet_like": lambda: Objective(_resnet_like(), batches=_data(), include=("all",)),
     "quant_dequant": lambda: Objective(_quant_cnn(), batches=_data(), space="dequant"),
+    "act_quant_dequant": lambda: Objective(_act_quant_cnn(), batches=_data(), space="dequant"),
 }
 
 
