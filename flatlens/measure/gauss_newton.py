@@ -123,6 +123,30 @@ def _leaves(obj: Any) -> dict[str, Tensor]:
     return {n: p.detach().requires_grad_(True) for n, p in zip(obj.space.names, obj.space.params)}
 
 
+def _sample_squares(forward: Callable[..., Tensor], leaves: dict[str, Tensor], x1: Tensor,
+                    acc: list[Tensor]) -> int:
+    """``acc`` (zeroed first) = ``sum_j (J^T b_j)^2`` per tensor for the one sample ``x1`` (batch of 1).
+
+    One forward; the softmax-Hessian factor from its own logits; one backward per kept column.
+    Returns the number of backward passes.
+    """
+    for a in acc:
+        a.zero_()
+    params = list(leaves.values())
+    with torch.enable_grad():
+        out = forward(leaves, (x1,))
+        B, keep = softmax_hessian_factor(out.detach())
+        cols = torch.nonzero(keep[0]).flatten().tolist()
+        for j, c in enumerate(cols):
+            cot = B[0, :, c].to(dtype=out.dtype, device=out.device)[None]
+            grads = torch.autograd.grad(out, params, grad_outputs=cot, retain_graph=j < len(cols) - 1,
+                                        allow_unused=True)
+            for a, g in zip(acc, grads):
+                if g is not None:
+                    a.addcmul_(g, g)
+    return len(cols)
+
+
 def check_piecewise_linear(obj: Any, *, n_samples: int = 2, rtol: float = 1e-3, seed: int = 0) -> PiecewiseLinearCheck:
     """Verify ``H_tt = G_tt`` for every tensor of ``obj.space`` on a random direction (see the module doc).
 
@@ -160,11 +184,10 @@ def check_piecewise_linear(obj: Any, *, n_samples: int = 2, rtol: float = 1e-3, 
                         if hd is not None:
                             q[t] = (hd.double() * d.double()).sum()
                     del grads
-    D.all_reduce_sum(obj.ctx, q_h)
-    D.all_reduce_sum(obj.ctx, q_r)
-    used_t = torch.tensor([float(used)], dtype=torch.float64, device=obj.device)
-    D.all_reduce_sum(obj.ctx, used_t)
-    q_h, q_r = q_h.cpu(), q_r.cpu()
+    summed = torch.cat([q_h, q_r, torch.tensor([float(used)], dtype=torch.float64, device=obj.device)])
+    D.all_reduce_sum(obj.ctx, summed)  # one collective: both forms and the sample count
+    summed = summed.cpu()
+    q_h, q_r, used_t = summed[:len(names)], summed[len(names):-1], summed[-1]
     q_g = q_h - q_r
     scale = torch.maximum(q_g.abs(), 1e-6 * q_g.abs().max().clamp_min(1e-300))
     ratio = torch.where(q_r == 0, torch.zeros_like(q_r), q_r.abs() / scale)
@@ -205,31 +228,14 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
             raise _not_piecewise_linear(pl)
     forward = make_forward_fn(obj.model)
     leaves = _leaves(obj)
-    params = list(leaves.values())
     diag = torch.zeros(obj.space.numel, dtype=torch.float64, device=obj.device)
-    per_sample = [torch.zeros_like(p) for p in params]
+    per_sample = [torch.zeros_like(p) for p in leaves.values()]
     n_backward = 0
     with obj._eval():
         for x, _y in obj.batches:
-            with torch.no_grad():
-                logits = forward(leaves, (x,))
-            B, keep = softmax_hessian_factor(logits)
             for i in range(x.shape[0]):
-                cols = torch.nonzero(keep[i]).flatten().tolist()
-                for s in per_sample:
-                    s.zero_()
-                with torch.enable_grad():
-                    out = forward(leaves, (x[i:i + 1],))
-                    for j, c in enumerate(cols):
-                        cot = B[i, :, c].to(dtype=out.dtype, device=out.device)[None]
-                        grads = torch.autograd.grad(out, params, grad_outputs=cot, retain_graph=j < len(cols) - 1,
-                                                    allow_unused=True)
-                        for s, g in zip(per_sample, grads):
-                            if g is not None:
-                                s.addcmul_(g, g)
-                        n_backward += 1
-                    del out
-                diag += torch.cat([s.reshape(-1) for s in per_sample]).double()
+                n_backward += _sample_squares(forward, leaves, x[i:i + 1], per_sample)
+                diag += torch.cat([a.reshape(-1) for a in per_sample]).double()
                 if progress is not None:
                     progress(1)
     D.all_reduce_sum(obj.ctx, diag)
@@ -246,25 +252,16 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
 def predicted_seconds(obj: Any) -> float:
     """Predicted wall-clock of :func:`hessian_diagonal` on ``obj``: one sample timed, times this rank's samples.
 
-    Times the first sample's forward and ``C - 1`` backward passes twice (the first warms up) and adds
-    the check's ``2 (1 + tensors)`` backward passes at the same per-pass cost.
+    Runs the per-sample step of :func:`hessian_diagonal` on the first sample twice (the first warms up)
+    and adds the check's ``2 (1 + tensors)`` backward passes at the same per-pass cost.
     """
-    x = obj.batches[0][0][:1]
     forward = make_forward_fn(obj.model)
     leaves = _leaves(obj)
-    params = list(leaves.values())
-    best = math.inf
+    acc = [torch.zeros_like(p) for p in leaves.values()]
+    best, passes = math.inf, 1
     with obj._eval():
         for _ in range(2):
             t0 = time.perf_counter()
-            with torch.enable_grad():
-                out = forward(leaves, (x,))
-                C = out.shape[1]
-                cot = torch.zeros_like(out)
-                for j in range(C - 1):
-                    cot.zero_()
-                    cot[0, j] = 1.0
-                    torch.autograd.grad(out, params, grad_outputs=cot, retain_graph=j < C - 2, allow_unused=True)
+            passes = max(1, _sample_squares(forward, leaves, obj.batches[0][0][:1], acc))
             best = min(best, time.perf_counter() - t0)
-    per_pass = best / max(1, C - 1)
-    return best * obj.n_local + 2 * (1 + len(params)) * per_pass
+    return best * obj.n_local + 2 * (1 + len(acc)) * best / passes
