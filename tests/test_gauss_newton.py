@@ -180,11 +180,13 @@ def test_side_effect_free_seeded_stored_and_operator_refused(tmp_path):
     assert net.training and all(p.grad is None for p in net.parameters())
     assert a.estimate == b.estimate and torch.equal(a.layers.estimates, b.layers.estimates)
     assert a.details == b.details
+    assert obj._hvp is None  # no HVP is spent, so no HVP engine (kernel selection) is built
     path = fl.hessian.write(tmp_path / "a.h5", a)
     r = fl.hessian.read(path)
     at = r["attrs"]
     assert at["trace_method"] == "gauss-newton" and at["trace_check"] and at["trace_check_samples"] == 2
     assert at["trace_n_backward"] == a.details["n_backward"] and at["trace_check_max_ratio"] <= 1e-10
+    assert at["trace_hvp_kernel"] == "" and at["trace_n_hvp"] == 0
     assert r["trace"] == a.estimate and r["trace_samples"].shape == (0,)
     assert list(r["layer_traces"]) == a.layers.estimates.tolist()
     with pytest.raises(FlatlensError, match="needs an Objective"):

@@ -126,13 +126,20 @@ def _root_provenance(obj: Any) -> dict[str, Any]:
     return store.checkpoint_provenance(getattr(obj, "run", None))
 
 
-def _source(obj: Any) -> _Source:
+def _source(obj: Any, *, hvp: bool = True) -> _Source:
+    """The operator and provenance of ``obj``. ``hvp=False``: a measure that spends no HVP (the
+    Gauss-Newton trace), so an Objective's HVP engine is not built (no kernel selection) and no
+    ``hvp_kernel`` is recorded."""
     from flatlens.measure.hvp import HessianVectorProduct
     from flatlens.measure.objective import Objective
 
     if isinstance(obj, Objective):
-        obj.hvp_engine  # build the engine (kernel selection) outside the timed part
-        return _Source(obj.operator(), obj.describe(), _root_provenance(obj), obj)
+        if hvp:
+            obj.hvp_engine  # build the engine (kernel selection) outside the timed part
+        prov = obj.describe()
+        if not hvp:
+            prov.pop("hvp_kernel", None)
+        return _Source(obj.operator(), prov, _root_provenance(obj), obj)
     if isinstance(obj, HessianVectorProduct):
         prov = {"source": "HessianVectorProduct", "hvp_kernel": obj.kernel, "n_params": obj.n,
                 "dtype": str(obj.dtype).replace("torch.", ""), "param_names": list(obj.names),
@@ -897,7 +904,7 @@ def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_h
     seed = _check_seed(seed)
     if method not in TRACE_METHODS:
         raise FlatlensError(f"trace method {method!r} unknown; choose from {', '.join(TRACE_METHODS)}")
-    src = _source(obj)
+    src = _source(obj, hvp=method != "gauss-newton")
     if method == "gauss-newton":
         return _gauss_newton_trace(src, seed, layers=layers, blocks=blocks, progress=progress)
     op = _Counted(src.op, progress)
@@ -942,11 +949,11 @@ def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequenc
             raw["layers"] = (el[:, 0], np.zeros((0, el.shape[0])))
             raw["quant"] = (eq[:, 0], np.zeros((0, eq.shape[0])))
     pl = gn.check
+    assert pl is not None  # hessian_diagonal ran its check (the default)
     res = _trace_estimate(raw, src, bl, 0, gn.seconds, seed, method="gauss-newton", rtol=None, max_hvp=0, level=0.95,
                           layer_rtol=None, layer_floor=0.01)
-    res.details = {"n_backward": gn.n_backward, "check": pl is not None,
-                   "check_max_ratio": pl.max_ratio if pl else math.nan, "check_worst": pl.worst if pl else "",
-                   "check_rtol": pl.rtol if pl else math.nan, "check_samples": pl.n_samples if pl else 0,
+    res.details = {"n_backward": gn.n_backward, "check": True, "check_max_ratio": pl.max_ratio,
+                   "check_worst": pl.worst, "check_rtol": pl.rtol, "check_samples": pl.n_samples,
                    "identity": "tr(H) = tr(GGN): exact for piecewise-linear networks (per-tensor Hessian blocks "
                                "equal the Gauss-Newton blocks)"}
     return res
