@@ -68,7 +68,7 @@ Sizes are small by default because every HVP is an exact pass over all N samples
 costs ~1,000 HVPs (references, both tools, 3 repeats). The defaults aim at ~10 minutes on an idle
 2-core CPU (a ResNet-18 HVP over 16 samples took ~0.35 s there); on a shared, loaded 2-core VM the
 run with ``--repeats 2`` took 42 minutes. ``--quick`` took 19 s on that VM when it was quiet.
-Results and their reading: ``docs/readme/hessian.md`` ("Speed and accuracy vs PyHessian").
+Results and their reading: README.md, "Speed and accuracy vs PyHessian".
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ default 2 threads, while another job kept the load average at 4-8: each multi-th
 waits for its second OpenMP thread to be scheduled (see the "Speed" notes).
     python benchmarks/bench_landscape.py --models resnet18 --device cuda --samples 10000 --grid 11
 
-Results and their reading: ``docs/readme/landscape.md`` ("Speed").
+Results and their reading: README.md, "Loss landscapes", "Speed".
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ Randomness: every start and probe vector comes from a CPU generator seeded by
 No side effects: the model state (parameters, buffers, ``.grad``, ``requires_grad``, training flags) is
 verified bit-identical after every call and the global RNG is never drawn from.
 
-Storage (``write``/``read``; layout in ``docs/readme/hessian.md``): the three measures share the ONE
+Storage (``write``/``read``; layout in README.md, "The ``/hessian`` group"): the three measures share the ONE
 group ``/hessian``. A write replaces only the datasets and the prefixed attributes (``eigenvalue_*``,
 ``trace_*``/``layer_*``/``quant_*``, ``density_*``) of its own measure and keeps the others, unless the
 shared provenance (split, samples, parameter set, space, checkpoint, seed -- :data:`SHARED_KEYS`)
@@ -1187,7 +1187,7 @@ def write(path: str | Path, *results: _Stored) -> Path:
 def read(path: str | Path) -> dict[str, Any]:
     """``path:/hessian`` as a dict: every dataset as a numpy array (``density`` a nested dict with its
     own ``attrs``) and the group attributes under ``"attrs"``. Keys are those of the schema in
-    ``docs/readme/hessian.md`` (e.g. ``r["eigenvalues"]``, ``r["trace"]``, ``r["density"]["values"]``,
+    README.md, "The ``/hessian`` group" (e.g. ``r["eigenvalues"]``, ``r["trace"]``, ``r["density"]["values"]``,
     ``r["attrs"]["trace_n_hvp"]``); missing measures are simply absent."""
 
     return store.read(path, GROUP)

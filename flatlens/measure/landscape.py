@@ -25,7 +25,7 @@ How it is made fast, exact and safe:
 * a warm-up times the evaluation and the predicted forward passes and ETA are logged before the grid
   starts; the actual counts and seconds are stored (cumulative over resumed sessions).
 
-HDF5 layout of ``/landscape/<name>`` (see ``docs/readme/landscape.md``): ``xcoordinates`` (nx),
+HDF5 layout of ``/landscape/<name>`` (see README.md, "The HDF5 layout"): ``xcoordinates`` (nx),
 ``ycoordinates`` (ny, 2-D only), ``loss``, ``accuracy``, ``loss_stderr`` and ``done`` of shape (nx,) or
 (ny, nx) with ``[j, i] = f(x_i, y_j)``, ``level`` (coarse-to-fine level of each point),
 ``directions/x|y/<parameter name>``, ``param_names``, ``model_param_names``/``model_param_shapes``
