@@ -37,7 +37,8 @@ What is run and timed, per model (every timed call on the same prepared operator
   selection is timed and added to the flatlens side of the wall-clock goal).
 * the exact trace, ``hessian.trace(obj, "gauss-newton")``, where :func:`gauss_newton.check_piecewise_linear`
   passes (ResNet-18: ReLU, max/avg pooling, eval BatchNorm; MNIST-CNN's GroupNorm is refused): its
-  seconds, also as "HVPs' time" (seconds / seconds per HVP of the selected kernel), and its agreement
+  seconds, also as "HVPs' time" (seconds / seconds per HVP of the selected kernel), the time of its
+  batch-1 loop (``per_sample="loop"``, once) against the default ``vmap`` batching, and its agreement
   with the reference Hutch++ (in that estimate's standard errors). Goals G4 and G7 get an "exact route"
   line beside the estimator's line.
 * HVP kernel cost: per probe, relative to one gradient (forward + backward) over the same Objective's
@@ -281,8 +282,13 @@ def bench_model(arch: str, n: int, args, counter: PyHessianCounter) -> dict:
         for seed in seeds:
             res["gn"].append(H.trace(obj, "gauss-newton", seed=seed, layers="none"))
         g0 = res["gn"][0]
+        loop = GN.hessian_diagonal(obj, seed=args.seed, per_sample="loop")  # the batch-1 loop, for comparison
+        res["gn_loop_s"] = loop.seconds
         print(f"exact Gauss-Newton trace {g0.estimate:.6g} (check max |D'RD|/D'GD {chk.max_ratio:.1e}; "
-              f"{g0.details['n_backward']} per-sample backward passes, median {med([t.seconds for t in res['gn']]):.1f} s); "
+              f"{g0.details['n_backward']} per-sample vector-Jacobian products ({g0.details['per_sample']}), median "
+              f"{med([t.seconds for t in res['gn']]):.1f} s; the batch-1 loop took {loop.seconds:.1f} s, "
+              f"{loop.seconds / med([t.seconds for t in res['gn']]):.1f}x as long, rel. difference "
+              f"{abs(loop.trace - g0.estimate) / g0.estimate:.1e}); "
               f"reference Hutch++ {ref_tr.estimate:.6g}: difference {abs(g0.estimate - ref_tr.estimate) / ref_tr.stderr:.2f} "
               "of its standard errors", flush=True)
     else:
@@ -429,7 +435,8 @@ def report_model(res: dict, args, goals: list) -> None:
     if gn:
         row("trace  flatlens trace('gauss-newton')", [t.n_hvp for t in gn], [t.seconds for t in gn],
             f"{rel(gn[0].estimate, tr_ref):.1e} (ref. CI ±{100 * res['ref']['trace_rhw']:.2f}%)",
-            f"EXACT (piecewise-linear, checked); {gn[0].details['n_backward']} per-sample backward passes = "
+            f"EXACT (piecewise-linear, checked); {gn[0].details['n_backward']} per-sample VJPs "
+            f"({gn[0].details['per_sample']}) = "
             f"{med([t.seconds for t in gn]) / hvp_s:.1f} HVPs' time")
         ex = gn[0].estimate
         print_exact = (f"  Hutch++ trace(rtol=0.01) against the EXACT trace {ex:.6g}: median error "

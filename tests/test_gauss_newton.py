@@ -98,6 +98,52 @@ def test_exact_diagonal_trace_and_layer_traces_equal_the_dense_hessian(case):
     assert i == obj.space.numel and torch.all(lt.stderr == 0)
 
 
+class _ItemNet(nn.Module):
+    """Piecewise linear, but its forward reads a value out of a tensor (``.item()``), which ``vmap`` cannot batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _bn_cnn()
+
+    def forward(self, x):
+        if float(x.abs().amax().item()) > 1e6:  # data-dependent Python control flow
+            x = x / 1e6
+        return self.body(x)
+
+
+@pytest.mark.parametrize("case", ["bn_cnn_all", "act_quant_dequant"])
+def test_vmap_and_loop_give_the_same_diagonal_at_every_chunk_size(case):
+    obj = PL_CASES[case]()
+    loop = GN.hessian_diagonal(obj, per_sample="loop")
+    assert loop.per_sample == "loop"
+    for chunk in (None, 1, 3, 64):  # 3 does not divide the 16-sample batches; 64 is larger than them
+        vm = GN.hessian_diagonal(obj, per_sample="vmap", chunk=chunk)
+        assert vm.per_sample == "vmap" and vm.n_backward == loop.n_backward
+        assert torch.allclose(vm.diagonal, loop.diagonal, rtol=1e-12, atol=1e-15 * float(loop.diagonal.abs().max()))
+    assert GN.predicted_seconds(obj) > 0 and GN.predicted_seconds(obj, per_sample="loop") > 0
+    auto = GN.hessian_diagonal(obj)  # times both forms on the first samples, then keeps the faster
+    assert auto.per_sample in ("vmap", "loop") and auto.selection.startswith("timed: loop ") and "vmap" in auto.selection
+    assert torch.allclose(auto.diagonal, loop.diagonal, rtol=1e-12, atol=1e-15 * float(loop.diagonal.abs().max()))
+    assert auto.n_backward == loop.n_backward
+
+
+def test_auto_falls_back_to_the_loop_where_vmap_cannot_batch_the_model():
+    obj = Objective(_ItemNet().double().eval(), batches=_data(), include=("all",))
+    H = dense_hessian(obj)
+    gn = GN.hessian_diagonal(obj)
+    assert gn.per_sample.startswith("loop (vmap failed: ") and "\n" not in gn.per_sample
+    assert torch.allclose(gn.diagonal, H.diagonal(), rtol=1e-9, atol=1e-12 * float(H.diagonal().abs().max()))
+    tr = fl.hessian.trace(obj, "gauss-newton")
+    assert tr.details["per_sample"] == gn.per_sample
+    with pytest.raises(FlatlensError, match="per_sample='vmap' failed on this model .*pass per_sample='loop'"):
+        GN.hessian_diagonal(obj, per_sample="vmap")
+    assert GN.predicted_seconds(obj) > 0  # times the loop instead
+    with pytest.raises(FlatlensError, match="per_sample='batched'; pass one of auto, vmap, loop"):
+        GN.hessian_diagonal(obj, per_sample="batched")
+    with pytest.raises(FlatlensError, match="chunk=0; pass a positive number"):
+        GN.hessian_diagonal(obj, chunk=0)
+
+
 def test_qgen_noise_terms_are_exact_in_dequant_space():
     obj = PL_CASES["quant_dequant"]()
     H = dense_hessian(obj)
@@ -174,8 +220,8 @@ def test_side_effect_free_seeded_stored_and_operator_refused(tmp_path):
     net.train()  # the caller's flags come back
     before = model_state_hash(net)
     rng = torch.get_rng_state()
-    a = fl.hessian.trace(obj, "gauss-newton", seed=5)
-    b = fl.hessian.trace(obj, "gauss-newton", seed=5)
+    a = fl.hessian.trace(obj, "gauss-newton", seed=5, per_sample="vmap")  # pinned: auto chooses by timing
+    b = fl.hessian.trace(obj, "gauss-newton", seed=5, per_sample="vmap")
     assert model_state_hash(net) == before and torch.equal(torch.get_rng_state(), rng)
     assert net.training and all(p.grad is None for p in net.parameters())
     assert a.estimate == b.estimate and torch.equal(a.layers.estimates, b.layers.estimates)
@@ -198,14 +244,23 @@ def test_sharpness_cli_gauss_newton_trace(tiny_run, tmp_path):
     res = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), "--measures", "trace", "--trace-method", "gauss-newton",
                        "--samples", "48", "--batch-size", "16", "--progress-every", "0", "--out", str(out))
     assert res.returncode == 0, res.stderr
-    assert "[trace] predicted cost: 0 HVPs" in res.stdout and "per sample (48 here)" in res.stdout
+    assert "[trace] predicted cost: 0 HVPs" in res.stdout and "for each of 48 samples" in res.stdout
     summary = res.stdout[res.stdout.index("\nsummary"):]
-    assert "exact: Gauss-Newton identity" in summary and "per-sample backward passes" in summary
+    assert "exact: Gauss-Newton identity" in summary and "per-sample vector-Jacobian products (" in summary
     with h5py.File(out, "r") as f:
         g = f["hessian"]
         assert g.attrs["trace_method"] == "gauss-newton" and g.attrs["trace_n_hvp"] == 0
         assert g.attrs["trace_n_backward"] == 48 * 9  # 10 digit classes: C - 1 = 9 per sample
+        assert g.attrs["trace_per_sample"] in ("vmap", "loop")  # auto: whichever timed faster
+        assert g.attrs["trace_per_sample_selection"].startswith("timed: loop ")
         gn_trace = float(g["trace"][()])
+    pinned = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), "--measures", "trace", "--trace-method", "gauss-newton",
+                          "--gauss-newton-per-sample", "loop", "--samples", "48", "--batch-size", "16", "--progress-every", "0",
+                          "--out", str(tmp_path / "loop.h5"))
+    assert pinned.returncode == 0, pinned.stderr
+    with h5py.File(tmp_path / "loop.h5", "r") as f:
+        assert f["hessian"].attrs["trace_per_sample"] == "loop" and f["hessian"].attrs["trace_per_sample_selection"] == ""
+        assert float(f["hessian/trace"][()]) == pytest.approx(gn_trace, rel=1e-5)  # float32 model: rounding only
     # the same checkpoint and samples by Hutch++: the exact value lies inside its interval (3.5 stderr)
     run = fl.load_checkpoint(tiny_run / "model.pt")
     obj = Objective(run, samples=48, batch_size=16)

@@ -469,7 +469,8 @@ class TraceEstimate(_Stored):
             if lt.quant is not None and lt.quant.names:
                 rows.append(("QGen noise term", f"sum_l s_l^2/24 tr(H_l) = {lt.quant.total:.4g} over {len(lt.quant.names)} "
                              "quantized layers"))
-        extra = f", {self.details['n_backward']} per-sample backward passes" if "n_backward" in self.details else ""
+        extra = (f", {self.details['n_backward']} per-sample vector-Jacobian products ({self.details.get('per_sample')})"
+                 if "n_backward" in self.details else "")
         rows.append(("trace cost", f"{self.n_hvp} HVPs{extra}, {self.seconds:.2f} s, {self.method}"))
         return rows
 
@@ -883,7 +884,8 @@ TRACE_METHODS = ("hutchpp", "xtrace", "hutchinson", "gauss-newton")
 def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_hvp: int = 100, seed: int = 0,
           level: float = 0.95, sketch_size: int | None = None, min_samples: int = 10, block_size: int = 1,
           layers: str = "layer", layer_rtol: float | None = None, layer_floor: float = 0.01,
-          blocks: Sequence[tuple[str, int]] | None = None, progress: Progress | None = None) -> TraceEstimate:
+          blocks: Sequence[tuple[str, int]] | None = None, per_sample: str = "auto",
+          progress: Progress | None = None) -> TraceEstimate:
     """The Hessian trace with a ``level`` confidence interval, stopping when its half-width is ``<= rtol``.
 
     Args:
@@ -900,13 +902,16 @@ def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_h
         layer_rtol: also require every block's half-width ``<= layer_rtol * max(|tr_l|, layer_floor *
             sum_l |tr_l|)`` before stopping (see :func:`layer_traces`).
         block_size: residual probes per operator call (one data pass for all of them).
+        per_sample: ``gauss-newton`` only: how the per-sample products are formed (``auto``, ``vmap`` or
+            ``loop``; see :func:`flatlens.measure.gauss_newton.hessian_diagonal`). ``auto`` picks by
+            timing, so pin the stored ``trace_per_sample`` to repeat a result bit for bit.
     """
     seed = _check_seed(seed)
     if method not in TRACE_METHODS:
         raise FlatlensError(f"trace method {method!r} unknown; choose from {', '.join(TRACE_METHODS)}")
     src = _source(obj, hvp=method != "gauss-newton")
     if method == "gauss-newton":
-        return _gauss_newton_trace(src, seed, layers=layers, blocks=blocks, progress=progress)
+        return _gauss_newton_trace(src, seed, layers=layers, blocks=blocks, per_sample=per_sample, progress=progress)
     op = _Counted(src.op, progress)
     gen = seeded_generator(seed, "trace", 0)
     bl = None
@@ -932,7 +937,7 @@ def trace(obj: Any, method: str = "hutchpp", *, rtol: float | None = 0.01, max_h
 
 
 def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequence[tuple[str, int]] | None,
-                        progress: Progress | None) -> TraceEstimate:
+                        per_sample: str, progress: Progress | None) -> TraceEstimate:
     """:func:`trace` with ``method="gauss-newton"``: the exact diagonal, summed per block (no probes)."""
     from flatlens.measure.gauss_newton import hessian_diagonal
 
@@ -940,7 +945,7 @@ def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequenc
         raise FlatlensError("trace method 'gauss-newton' needs an Objective (model + samples); use 'hutchpp'")
     with src.guard(), _user_errors():
         bl = _blocks_for(src, layers, blocks)
-        gn = hessian_diagonal(src.obj, seed=seed, progress=progress)
+        gn = hessian_diagonal(src.obj, seed=seed, per_sample=per_sample, progress=progress)
         tr = gn.trace
         raw: dict[str, Any] = {"estimate": tr, "stderr": 0.0, "ci_low": tr, "ci_high": tr, "exact": tr, "sketch": 0,
                                "samples": np.zeros(0), "converged": True}
@@ -952,7 +957,9 @@ def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequenc
     assert pl is not None  # hessian_diagonal ran its check (the default)
     res = _trace_estimate(raw, src, bl, 0, gn.seconds, seed, method="gauss-newton", rtol=None, max_hvp=0, level=0.95,
                           layer_rtol=None, layer_floor=0.01)
-    res.details = {"n_backward": gn.n_backward, "check": True, "check_max_ratio": pl.max_ratio,
+    res.details = {"n_backward": gn.n_backward, "per_sample": gn.per_sample, "per_sample_selection": gn.selection,
+                   "check": True,
+                   "check_max_ratio": pl.max_ratio,
                    "check_worst": pl.worst, "check_rtol": pl.rtol, "check_samples": pl.n_samples,
                    "identity": "tr(H) = tr(GGN): exact for piecewise-linear networks (per-tensor Hessian blocks "
                                "equal the Gauss-Newton blocks)"}
@@ -1213,7 +1220,10 @@ def _add_hessian_args(g: Any) -> None:
 def _add_trace_args(g: Any) -> None:
     g.add_argument("--trace-method", default="hutchpp", choices=TRACE_METHODS,
                    help="trace estimator; gauss-newton: exact for piecewise-linear nets (ReLU, pooling, eval BatchNorm), "
-                        "checked first, C-1 per-sample backward passes, no HVPs")
+                        "checked first, C-1 per-sample vector-Jacobian products (batched with torch.func), no HVPs")
+    g.add_argument("--gauss-newton-per-sample", default="auto", choices=("auto", "vmap", "loop"),
+                   help="gauss-newton: per-sample products batched by torch.func (vmap), one by one (loop), or "
+                        "whichever is faster on the first samples (auto)")
     g.add_argument("--trace-rtol", type=float, default=0.01, help="stop at this relative 95%% CI half-width (0: spend --max-hvp)")
     g.add_argument("--max-hvp", type=int, default=100, help="most HVPs for the trace")
     g.add_argument("--trace-level", type=float, default=0.95, help="confidence level of the interval")
@@ -1269,8 +1279,8 @@ def _register() -> None:
         if args.trace_method == "gauss-newton":
             from flatlens.measure.gauss_newton import predicted_seconds
 
-            return Estimate(seconds=predicted_seconds(obj), note="exact Gauss-Newton diagonal: one forward and C-1 "
-                            f"backward passes per sample ({obj.n_local} here), timed on one sample")
+            return Estimate(seconds=predicted_seconds(obj, per_sample=args.gauss_newton_per_sample), note="exact Gauss-Newton diagonal: C-1 per-sample "
+                            f"vector-Jacobian products for each of {obj.n_local} samples, timed on the first ones")
         return Estimate(n_hvp=args.max_hvp, note=f"at most; stops at ±{args.trace_rtol:g} relative ({args.trace_method})")
 
     def run_trace(obj: Any, args: Any, ctx: Any):
@@ -1279,7 +1289,7 @@ def _register() -> None:
         try:
             res = trace(obj, args.trace_method, rtol=args.trace_rtol or None, max_hvp=args.max_hvp, seed=args.seed,
                         level=args.trace_level, layers=args.layers if args.trace_method != "xtrace" else "none",
-                        layer_rtol=args.layer_rtol, progress=prog)
+                        layer_rtol=args.layer_rtol, per_sample=args.gauss_newton_per_sample, progress=prog)
         finally:
             bar.close()
         return _output(res, ctx=ctx)
