@@ -13,7 +13,7 @@ What is run and timed, per model (every timed call on the same prepared operator
 ``--repeats`` seeds are printed; PyHessian draws from the global RNG, which is forked and seeded):
 
 * reference: flatlens Lanczos, 6 eigenvalues, ``tol=1e-7`` (certified residual bounds, printed), and
-  a long fixed-budget Hutch++ trace (``--ref-trace-hvp`` HVPs; its 95 % CI is printed: trace errors
+  a long fixed-budget Krylov-deflated trace (``--ref-trace-hvp`` HVPs; its 95 % CI is printed: trace errors
   smaller than its half-width are not resolvable).
 * PyHessian 0.1 at its defaults: ``hessian(model, CrossEntropyLoss(), data=(x, y), cuda=False)``
   (single-batch mode: one batch of all N samples, the double-backward graph built once and reused --
@@ -28,7 +28,8 @@ What is run and timed, per model (every timed call on the same prepared operator
 * flatlens: ``hessian.eigenvalues(obj, k=1)`` (its default start for the top-1: the gradient plus a
   Rademacher vector; the gradient comes free with graph_reuse's retained graphs, else it is counted
   as one more HVP in G1), the same with ``start="random"`` for comparison, and ``(k=5)``, all at
-  ``tol=1e-3`` (stop on the certified residual bound), ``hessian.trace(obj, rtol=0.01, max_hvp=--trace-max-hvp)`` (Hutch++, 95 % CI),
+  ``tol=1e-3`` (stop on the certified residual bound), ``hessian.trace(obj, rtol=0.01, max_hvp=--trace-max-hvp)`` (its default ``krylov``, 95 % CI) and the
+  same with ``"hutchpp"``,
   ``hessian.density(obj, 3, 30)`` (SLQ; on the first ``--density-repeats`` seeds only, default 1), and
   all three together, ``hessian.spectrum(obj, 3, 30, k=1, rtol=0.01, max_hvp=--trace-max-hvp)`` (top-1
   from the density's first Lanczos run, trace deflated by its basis: what ``flatlens sharpness
@@ -39,7 +40,7 @@ What is run and timed, per model (every timed call on the same prepared operator
   passes (ResNet-18: ReLU, max/avg pooling, eval BatchNorm; MNIST-CNN's GroupNorm is refused): its
   seconds, also as "HVPs' time" (seconds / seconds per HVP of the selected kernel), the time of its
   batch-1 loop (``per_sample="loop"``, once) against the default ``vmap`` batching, and its agreement
-  with the reference Hutch++ (in that estimate's standard errors). Goals G4 and G7 get an "exact route"
+  with the reference trace (in that estimate's standard errors). Goals G4 and G7 get an "exact route"
   line beside the estimator's line.
 * HVP kernel cost: per probe, relative to one gradient (forward + backward) over the same Objective's
   samples, for each kernel on single probes and for ``graph_reuse`` on a block of 8 probes with a
@@ -264,14 +265,14 @@ def bench_model(arch: str, n: int, args, counter: PyHessianCounter) -> dict:
     # reference
     t0 = time.perf_counter()
     ref = H.eigenvalues(obj, k=6, tol=1e-7, max_iter=args.ref_eig_max_iter, seed=args.seed + 7)
-    ref_tr = H.trace(obj, rtol=None, max_hvp=args.ref_trace_hvp, seed=args.seed + 7, layers="none")
+    ref_tr = H.trace(obj, "krylov", rtol=None, max_hvp=args.ref_trace_hvp, seed=args.seed + 7, layers="none")
     res["ref"] = {"values": ref.values.tolist(), "bound": ref.rel_error_bound.tolist(), "n_hvp": ref.n_hvp,
                   "trace": ref_tr.estimate, "trace_rhw": ref_tr.rel_half_width, "trace_n_hvp": ref_tr.n_hvp,
                   "s": time.perf_counter() - t0}
     lam = ref.values.tolist()
     print(f"reference ({time.perf_counter() - t0:.0f} s): top-6 {', '.join(f'{v:.6g}' for v in lam)} "
           f"(certified rel. error <= {max(ref.rel_error_bound[:5].tolist()):.1e}, {ref.n_hvp} HVPs); "
-          f"trace {ref_tr.estimate:.6g} ± {100 * ref_tr.rel_half_width:.2f}% (95% CI, Hutch++ {ref_tr.n_hvp} HVPs)",
+          f"trace {ref_tr.estimate:.6g} ± {100 * ref_tr.rel_half_width:.2f}% (95% CI, krylov {ref_tr.n_hvp} HVPs)",
           flush=True)
 
     # the exact Gauss-Newton trace, where the network is piecewise linear (checked per tensor)
@@ -289,7 +290,7 @@ def bench_model(arch: str, n: int, args, counter: PyHessianCounter) -> dict:
               f"{med([t.seconds for t in res['gn']]):.1f} s; the batch-1 loop took {loop.seconds:.1f} s, "
               f"{loop.seconds / med([t.seconds for t in res['gn']]):.1f}x as long, rel. difference "
               f"{abs(loop.trace - g0.estimate) / g0.estimate:.1e}); "
-              f"reference Hutch++ {ref_tr.estimate:.6g}: difference {abs(g0.estimate - ref_tr.estimate) / ref_tr.stderr:.2f} "
+              f"reference {ref_tr.estimate:.6g}: difference {abs(g0.estimate - ref_tr.estimate) / ref_tr.stderr:.2f} "
               "of its standard errors", flush=True)
     else:
         print(f"exact Gauss-Newton trace: refused, not piecewise linear (tensor {chk.worst!r}: |D'RD|/D'GD "
@@ -302,13 +303,16 @@ def bench_model(arch: str, n: int, args, counter: PyHessianCounter) -> dict:
           + ", ".join(f"{k} {v:.2f}x" for k, v in kc.items() if k != "gradient_s"), flush=True)
 
     # flatlens and PyHessian, interleaved per repeat
-    fl_runs: dict = {"top1": [], "top1_random": [], "top5": [], "trace": [], "density": [], "joint": []}
+    fl_runs: dict = {"top1": [], "top1_random": [], "top5": [], "trace": [], "trace_hutchpp": [], "density": [],
+                     "joint": []}
     py = {"top1": [], "top5": [], "trace": [], "setup_s": []}
     for r, seed in enumerate(seeds):
         fl_runs["top1"].append(H.eigenvalues(obj, k=1, tol=1e-3, seed=seed))
         fl_runs["top1_random"].append(H.eigenvalues(obj, k=1, tol=1e-3, seed=seed, start="random"))
         fl_runs["top5"].append(H.eigenvalues(obj, k=5, tol=1e-3, seed=seed))
         fl_runs["trace"].append(H.trace(obj, rtol=0.01, max_hvp=args.trace_max_hvp, seed=seed, layers="none"))
+        fl_runs["trace_hutchpp"].append(H.trace(obj, "hutchpp", rtol=0.01, max_hvp=args.trace_max_hvp, seed=seed,
+                                                layers="none"))
         if r < args.density_repeats:
             fl_runs["density"].append(H.density(obj, args.density_probes, args.density_steps, seed=seed))
         fl_runs["joint"].append(H.spectrum(obj, args.density_probes, args.density_steps, k=1, tol=1e-3, rtol=0.01,
@@ -429,7 +433,13 @@ def report_model(res: dict, args, goals: list) -> None:
     row(f"trace  flatlens trace(rtol=0.01, max_hvp={args.trace_max_hvp})", [t.n_hvp for t in ft],
         [t.seconds for t in ft], f"{med(ft_err):.1e} (max {max(ft_err):.1e})",
         f"95% CI ±{100 * med(ft_hw):.2f}% (max ±{100 * max(ft_hw):.2f}%), "
-        f"{sum(t.converged for t in ft)}/{len(ft)} met ±1%")
+        f"{sum(t.converged for t in ft)}/{len(ft)} met ±1%; {ft[0].method}")
+    fh = fl_r["trace_hutchpp"]
+    fh_err = [rel(t.estimate, tr_ref) for t in fh]
+    fh_hw = [t.rel_half_width for t in fh]
+    row("trace  flatlens trace('hutchpp', rtol=0.01)", [t.n_hvp for t in fh], [t.seconds for t in fh],
+        f"{med(fh_err):.1e} (max {max(fh_err):.1e})",
+        f"95% CI ±{100 * med(fh_hw):.2f}% (max ±{100 * max(fh_hw):.2f}%), {sum(t.converged for t in fh)}/{len(fh)} met ±1%")
     hvp_s = res["kcost"]["gradient_s"] * res["kcost"].get(res["kernel"], math.nan)  # seconds per HVP, this kernel
     gn = res["gn"]
     if gn:
@@ -439,7 +449,7 @@ def report_model(res: dict, args, goals: list) -> None:
             f"({gn[0].details['per_sample']}) = "
             f"{med([t.seconds for t in gn]) / hvp_s:.1f} HVPs' time")
         ex = gn[0].estimate
-        print_exact = (f"  Hutch++ trace(rtol=0.01) against the EXACT trace {ex:.6g}: median error "
+        print_exact = (f"  {ft[0].method} trace(rtol=0.01) against the EXACT trace {ex:.6g}: median error "
                        f"{med([rel(t.estimate, ex) for t in ft]):.1e}, {sum(t.ci_low <= ex <= t.ci_high for t in ft)}"
                        f"/{len(ft)} intervals contain it; PyHessian trace() median error {med([rel(t['estimate'], ex) for t in pt]):.1e}")
     else:
@@ -546,13 +556,13 @@ def report_model(res: dict, args, goals: list) -> None:
     goal(f"G2 top-5 certified 1e-3, median <= 16 HVPs [{tag}]", ok2, detail2, goals)
     goal(f"G4 trace 95% CI <= 2% within 100 HVPs, every repeat [{tag}]",
          all(t.rel_half_width <= 0.02 and t.n_hvp <= 100 for t in ft),
-         f"half-widths {', '.join(f'{100 * t.rel_half_width:.2f}%' for t in ft)} at "
+         f"{ft[0].method}: half-widths {', '.join(f'{100 * t.rel_half_width:.2f}%' for t in ft)} at "
          f"{', '.join(str(t.n_hvp) for t in ft)} HVPs", goals)
     if gn:
         eq = med([t.seconds for t in gn]) / hvp_s
         goal(f"G4 (exact route) trace to <= 2% in <= 100 HVPs' time, piecewise-linear net [{tag}]",
              eq <= 100 and rel(gn[0].estimate, tr_ref) <= 3 * res["ref"]["trace_rhw"] / 1.96 + 1e-12,
-             f"gauss-newton: exact, {eq:.1f} HVPs' time; agrees with the reference Hutch++ within "
+             f"gauss-newton: exact, {eq:.1f} HVPs' time; agrees with the reference trace within "
              f"{rel(gn[0].estimate, tr_ref) / (res['ref']['trace_rhw'] / 1.96):.2f} of its standard errors", goals)
     kc = {k: v for k, v in res["kcost"].items() if k != "gradient_s"}
     best = min(kc, key=kc.get)
@@ -603,17 +613,19 @@ def dense_study(args, goals: list) -> None:
     print(f"\n## dense check: MLP 64-16-10 (tanh) on 512 digits, {obj.space.numel} parameters, exact Hessian "
           f"({time.perf_counter() - t0:.1f} s; Objective HVP vs dense rel. diff {mismatch:.1e}); "
           f"top-6 {', '.join(f'{v:.4g}' for v in ev[:6].tolist())}, trace {truth:.5g}")
-    cover = {"hutchpp rtol=0.01, max_hvp=100": [], "hutchpp fixed 99 HVPs": []}
+    cover = {"krylov rtol=0.01, max_hvp=100": [], "krylov fixed 99 HVPs": [], "hutchpp rtol=0.01, max_hvp=100": []}
     hw, nh = [], []
     e1n, e1err, e5n, e5err, e5cert = [], [], [], [], []
     t0 = time.perf_counter()
     for s in range(args.coverage_seeds):
         t = H.trace(Hd, rtol=0.01, max_hvp=100, seed=s)
-        cover["hutchpp rtol=0.01, max_hvp=100"].append(t.ci_low <= truth <= t.ci_high)
+        cover["krylov rtol=0.01, max_hvp=100"].append(t.ci_low <= truth <= t.ci_high)
         hw.append(t.rel_half_width)
         nh.append(t.n_hvp)
         t2 = H.trace(Hd, rtol=None, max_hvp=99, seed=s)
-        cover["hutchpp fixed 99 HVPs"].append(t2.ci_low <= truth <= t2.ci_high)
+        cover["krylov fixed 99 HVPs"].append(t2.ci_low <= truth <= t2.ci_high)
+        t3 = H.trace(Hd, "hutchpp", rtol=0.01, max_hvp=100, seed=s)
+        cover["hutchpp rtol=0.01, max_hvp=100"].append(t3.ci_low <= truth <= t3.ci_high)
         e1 = H.eigenvalues(Hd, k=1, tol=1e-3, seed=s)
         e1n.append(e1.n_hvp)
         e1err.append(rel(float(e1.values[0]), float(ev[0])))
@@ -653,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="iter of PyHessian's density() before it raises (its default is 100; the time is scaled "
                         "linearly to 100, which understates it; pass 100 to time it as is)")
     p.add_argument("--repeats", type=int, default=3, help="seeds per measurement (medians are printed)")
-    p.add_argument("--ref-trace-hvp", type=int, default=120, help="HVPs of the reference Hutch++ trace")
+    p.add_argument("--ref-trace-hvp", type=int, default=120, help="HVPs of the reference (krylov) trace")
     p.add_argument("--ref-eig-max-iter", type=int, default=80, help="most Lanczos steps of the reference")
     p.add_argument("--trace-max-hvp", type=int, default=100)
     p.add_argument("--density-probes", type=int, default=3)

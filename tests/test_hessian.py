@@ -107,22 +107,26 @@ def assert_layer_traces_near_dense(lt, H: torch.Tensor) -> None:
 def test_trace_estimators_and_stopping_rule():
     obj = CASES["mlp"]()
     truth = float(torch.trace(dense_hessian(obj)))
-    for method in ("hutchpp", "xtrace", "hutchinson"):
+    for method in ("krylov", "hutchpp", "xtrace", "hutchinson"):
         rtol = 0.1 if method == "hutchinson" else 0.05  # no variance reduction: needs far more probes
         tr = fl.hessian.trace(obj, method, rtol=rtol, max_hvp=400, seed=1)
-        assert tr.converged and tr.rel_half_width <= rtol and tr.ci_low <= truth <= tr.ci_high, method
+        assert tr.converged and tr.rel_half_width <= rtol and abs(tr.estimate - truth) <= 3.5 * tr.stderr, method
         assert tr.n_hvp <= 400 and tr.method == method
     # Hutch++ total equals linalg.hutchpp with the same seeded generator (same probes, same CI)
     from flatlens.measure import linalg
     from flatlens.seeding import generator
 
-    a = fl.hessian.trace(obj, rtol=0.02, max_hvp=99, seed=5, layers="none")
+    a = fl.hessian.trace(obj, "hutchpp", rtol=0.02, max_hvp=99, seed=5, layers="none")
     b = linalg.hutchpp(obj.operator(), rtol=0.02, max_matvec=99, generator=generator(5, "trace", 0))
     assert a.n_hvp == b.n_matvec and a.estimate == pytest.approx(b.estimate, rel=1e-12)
     assert a.stderr == pytest.approx(b.stderr, rel=1e-8)
-    # a sketch spanning the whole space makes the trace exact (stderr 0)
-    ex = fl.hessian.trace(obj, max_hvp=3 * obj.space.numel, sketch_size=obj.space.numel)
+    # a sketch or Krylov basis spanning the whole space makes the trace exact (stderr 0)
+    ex = fl.hessian.trace(obj, "hutchpp", max_hvp=3 * obj.space.numel, sketch_size=obj.space.numel)
     assert ex.stderr == 0 and ex.estimate == pytest.approx(truth, rel=1e-10)
+    # krylov: a single start vector spans one direction per distinct eigenvalue, so the basis stops short of n
+    # where eigenvalues repeat (the null space here), and probes of the rest (trace ~0) finish the job
+    ex = fl.hessian.trace(obj, max_hvp=obj.space.numel + 20, sketch_size=obj.space.numel)
+    assert ex.stderr <= 1e-12 * truth and ex.estimate == pytest.approx(truth, rel=1e-10)
 
 
 def test_least_squares_hessian_is_xtx_over_n():

@@ -95,7 +95,7 @@ def test_spectrum_trace_ci_covers_the_dense_trace_and_beats_hutchpp_per_hvp():
         sp = fl.hessian.spectrum(obj, 1, 10, eigen=False, rtol=None, max_hvp=30, seed=seed, layers="none")
         cover += sp.trace.ci_low <= truth <= sp.trace.ci_high
         widths_k.append(sp.trace.half_width)
-        widths_h.append(fl.hessian.trace(obj, rtol=None, max_hvp=40, seed=seed, layers="none").half_width)
+        widths_h.append(fl.hessian.trace(obj, "hutchpp", rtol=None, max_hvp=40, seed=seed, layers="none").half_width)
     assert cover >= 10  # 95 % intervals: 10 of 12 or more with probability > 0.98
     # the same 40 HVPs in all (10 shared + 30), Hutch++ spends 26 of its 40 on the sketch
     assert sorted(widths_k)[6] < sorted(widths_h)[6]
@@ -130,7 +130,7 @@ def test_spectrum_is_side_effect_free_seeded_and_writes_all_three(tmp_path):
         fl.hessian.spectrum(obj, 1, 4, max_hvp=0)
 
 
-def test_sharpness_plan_joins_density_with_hessian_and_hutchpp_trace_only():
+def test_sharpness_plan_joins_density_with_hessian_and_krylov_or_hutchpp_trace_only():
     import argparse
 
     from flatlens.measure.registry import builtin_measures, plan
@@ -138,15 +138,76 @@ def test_sharpness_plan_joins_density_with_hessian_and_hutchpp_trace_only():
     builtin_measures()
 
     def labels(names, **kw):
-        args = argparse.Namespace(**{"shared_krylov": True, "trace_method": "hutchpp", "eig_start": "auto", **kw})
+        args = argparse.Namespace(**{"shared_krylov": True, "trace_method": "krylov", "eig_start": "auto", **kw})
         return [s.label for s in plan(names, args)]
 
     assert labels(["hessian", "trace", "density", "landscape"]) == ["hessian+trace+density", "landscape"]
     assert labels(["landscape", "trace", "density"]) == ["landscape", "trace+density"]
     assert labels(["hessian", "trace", "density"], trace_method="xtrace") == ["hessian+density", "trace"]
+    assert labels(["hessian", "trace", "density"], trace_method="hutchpp") == ["hessian+trace+density"]
     assert labels(["trace", "density"], trace_method="xtrace") == ["trace", "density"]
     assert labels(["hessian", "trace"]) == ["hessian", "trace"]  # no density: nothing to share
     assert labels(["hessian", "density"], shared_krylov=False) == ["hessian", "density"]
     assert labels(["hessian", "trace", "density"], eig_start="random") == ["hessian+trace+density"]
     # an explicit gradient start cannot come from the density's probe: hessian runs apart
     assert labels(["hessian", "trace", "density"], eig_start="gradient") == ["hessian", "trace+density"]
+
+
+# ------------------------------------------------------------------------------------------------
+# trace(method="krylov"): the default estimator, deflated by its own Lanczos basis
+# ------------------------------------------------------------------------------------------------
+
+
+def test_krylov_trace_ci_covers_200_seeds_and_is_unbiased():
+    """Coverage of the default 95% interval >= 93% and no bias, on a decaying and an indefinite spectrum."""
+    import math
+
+    import numpy as np
+
+    from test_linalg import DECAY, INDEF, sym_with_spectrum
+
+    for A in (sym_with_spectrum(DECAY, seed=1), sym_with_spectrum(INDEF, seed=2)):
+        truth = float(torch.trace(A))
+        hits, ests = 0, []
+        for s in range(200):
+            t = fl.hessian.trace(A, rtol=None, max_hvp=100, seed=s)
+            assert t.method == "krylov" and t.n_hvp == 100 and t.sketch_size == 33 and t.ci_low <= t.estimate <= t.ci_high
+            hits += t.ci_low <= truth <= t.ci_high
+            ests.append(t.estimate)
+        assert hits >= 186, hits
+        ests = np.array(ests)
+        assert abs(ests.mean() - truth) <= 4 * ests.std(ddof=1) / math.sqrt(200) + 1e-9
+
+
+def test_krylov_trace_beats_hutchpp_per_hvp_and_gives_layer_traces():
+    obj = CASES["bn_cnn"]()
+    H = dense_hessian(obj)
+    truth = float(torch.trace(H))
+    wk, wh = [], []
+    for seed in range(8):
+        k = fl.hessian.trace(obj, rtol=None, max_hvp=40, seed=seed, layers="none")
+        assert k.method == "krylov" and k.n_hvp == 40 and k.sketch_size == 13
+        assert abs(k.estimate - truth) <= 4 * k.stderr
+        wk.append(k.half_width)
+        wh.append(fl.hessian.trace(obj, "hutchpp", rtol=None, max_hvp=40, seed=seed, layers="none").half_width)
+    assert sorted(wk)[4] < sorted(wh)[4]  # a 13-step basis (13 HVPs) against a 13-column sketch (26 HVPs)
+    lt = fl.hessian.layer_traces(obj, layer_rtol=0.2, max_hvp=120, seed=3)
+    assert lt.method == "krylov" and lt.layers.estimates.sum().item() == pytest.approx(lt.estimate, rel=1e-10)
+    assert_layer_traces_near_dense(lt.layers, H)
+    # seeded: bitwise the same twice; the basis and the probes come from separate streams
+    a = fl.hessian.trace(obj, rtol=None, max_hvp=30, seed=4)
+    b = fl.hessian.trace(obj, rtol=None, max_hvp=30, seed=4)
+    assert a.estimate == b.estimate and torch.equal(a.samples, b.samples)
+    with pytest.raises(fl.FlatlensError, match="residual probes after a Lanczos basis"):
+        fl.hessian.trace(obj, max_hvp=10, sketch_size=9)
+
+
+def test_krylov_basis_satisfies_the_lanczos_relation():
+    from test_linalg import DECAY, sym_with_spectrum
+
+    A = sym_with_spectrum(DECAY, seed=3)
+    st = L.krylov_basis(A, 12, generator=5)
+    Q = st.basis.T
+    assert st.m == 12 and torch.allclose(Q.T @ Q, torch.eye(12, dtype=A.dtype), atol=1e-12)
+    assert torch.allclose(A @ Q, st.image(0, 12), atol=1e-10)
+    assert float(torch.trace(Q.T @ A @ Q)) == pytest.approx(sum(st.alphas), rel=1e-10)

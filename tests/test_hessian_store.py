@@ -65,7 +65,7 @@ def test_schema_keys_and_read_back(tmp_path, results):
     assert a["measures"] == ["hessian", "trace", "density"] and a["seed"] == 2 and a["space"] == "latent"
     assert a["split"] == "custom" and a["n_samples"] == 50 and a["eigenvalue_tol"] == 1e-3 and a["trace_rtol"] == 0.05
     assert a["differentiated"] == "float model" and a["bn_mode"] == "eval" and a["param_names"] == obj.space.names
-    assert a["trace_method"] == "hutchpp" and a["eigenvalue_hvp_kernel"] == "double_backward"
+    assert a["trace_method"] == "krylov" and a["eigenvalue_hvp_kernel"] == "double_backward"
     assert store.groups(p) == ["hessian"]
 
 

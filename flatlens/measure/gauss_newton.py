@@ -257,7 +257,7 @@ def _not_piecewise_linear(check: PiecewiseLinearCheck) -> FlatlensError:
     return FlatlensError(
         f"the Gauss-Newton trace is exact only for piecewise-linear networks, and here tensor {check.worst!r} has "
         f"curvature of its own (|D'R D| / D'G D = {check.max_ratio:.2g} > {check.rtol:g}; GroupNorm/LayerNorm, "
-        "smooth activations and weight normalisation do this); use trace method 'hutchpp'")
+        "smooth activations and weight normalisation do this); use trace method 'krylov'")
 
 
 class _Steps:
@@ -352,7 +352,7 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
 
     if not isinstance(obj, Objective):
         raise FlatlensError("the Gauss-Newton diagonal needs an Objective (a model, its samples and the "
-                            "cross-entropy); for an operator use trace method 'hutchpp'")
+                            "cross-entropy); for an operator use trace method 'krylov'")
     steps = _Steps(obj, per_sample, chunk)
     t0 = time.perf_counter()
     pl = None

@@ -392,6 +392,22 @@ class LanczosState:
         return out
 
 
+def krylov_basis(op: Any, m: int, *, generator: torch.Generator | int | None = None,
+                 reorth_passes: int = 2) -> LanczosState:
+    """``m`` Lanczos steps (``m`` operator applications) from a normalised Rademacher start, kept.
+
+    The run of :func:`slq_density`'s first probe: an orthonormal Krylov basis with its tridiagonal, so
+    ``A Q^T`` is known without another application (:meth:`LanczosState.image`). As a deflation space
+    for trace estimation it is worth more than a randomized sketch of the same dimension, which costs
+    twice the applications (the sketch, then its image) and sees the top of the spectrum less sharply.
+    Stops early at an invariant subspace (then ``state.m < m``).
+    """
+    m = _check_int("m", m, 1, "pass how many Lanczos steps the basis gets")
+    r = slq_density(op, 1, m, grid=2, generator=generator, reorth_passes=reorth_passes, keep_basis=True)
+    assert r.state is not None
+    return r.state
+
+
 def _gap_bounds(theta: np.ndarray, res_all: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """Absolute error estimates ``min(r, r^2 / gap)`` for the wanted Ritz values.
 
