@@ -67,9 +67,10 @@ relative half-width, floored at 1 %) times its measured seconds per probe. That 
     python benchmarks/bench_hessian.py --mnist-samples 512 --image-size 28
 
 Sizes are small by default because every HVP is an exact pass over all N samples and one model
-costs ~1,000 HVPs (references, both tools, 3 repeats). The defaults aim at ~10 minutes on an idle
-2-core CPU (a ResNet-18 HVP over 16 samples took ~0.35 s there); on a shared, loaded 2-core VM the
-run with ``--repeats 2`` took 42 minutes. ``--quick`` took 19 s on that VM when it was quiet.
+costs ~1,000 HVPs (references, both tools, 3 repeats). The default run took 26 minutes on a quiet
+2-core VM (2026-12-01; a ResNet-18 HVP over 16 samples took ~0.2 s, most of the time goes to PyHessian
+and to the references), and 42 minutes with ``--repeats 2`` on a loaded one; ``--mnist-samples 512``
+alone took 30 minutes. ``--quick`` took 19 s on the quiet VM.
 Results and their reading: README.md, "Speed and accuracy vs PyHessian".
 """
 
