@@ -426,21 +426,20 @@ def report_model(res: dict, args, goals: list) -> None:
     # trace
     ft = fl_r["trace"]
     pt = py["trace"]
-    ft_err = [rel(t.estimate, tr_ref) for t in ft]
-    pt_err = [rel(t["estimate"], tr_ref) for t in pt]
     ft_hw = [t.rel_half_width for t in ft]
+    pt_err = [rel(t["estimate"], tr_ref) for t in pt]
     row("trace  PyHessian trace()", [t["n_hvp"] for t in pt], [t["s"] for t in pt],
         f"{med(pt_err):.1e} (max {max(pt_err):.1e})", "no CI")
-    row(f"trace  flatlens trace(rtol=0.01, max_hvp={args.trace_max_hvp})", [t.n_hvp for t in ft],
-        [t.seconds for t in ft], f"{med(ft_err):.1e} (max {max(ft_err):.1e})",
-        f"95% CI ±{100 * med(ft_hw):.2f}% (max ±{100 * max(ft_hw):.2f}%), "
-        f"{sum(t.converged for t in ft)}/{len(ft)} met ±1%; {ft[0].method}")
-    fh = fl_r["trace_hutchpp"]
-    fh_err = [rel(t.estimate, tr_ref) for t in fh]
-    fh_hw = [t.rel_half_width for t in fh]
-    row("trace  flatlens trace('hutchpp', rtol=0.01)", [t.n_hvp for t in fh], [t.seconds for t in fh],
-        f"{med(fh_err):.1e} (max {max(fh_err):.1e})",
-        f"95% CI ±{100 * med(fh_hw):.2f}% (max ±{100 * max(fh_hw):.2f}%), {sum(t.converged for t in fh)}/{len(fh)} met ±1%")
+
+    def trace_row(label: str, runs: list, extra: str = "") -> None:
+        err = [rel(t.estimate, tr_ref) for t in runs]
+        hw = [t.rel_half_width for t in runs]
+        row(label, [t.n_hvp for t in runs], [t.seconds for t in runs], f"{med(err):.1e} (max {max(err):.1e})",
+            f"95% CI ±{100 * med(hw):.2f}% (max ±{100 * max(hw):.2f}%), "
+            f"{sum(t.converged for t in runs)}/{len(runs)} met ±1%; {runs[0].method}{extra}")
+
+    trace_row(f"trace  flatlens trace(rtol=0.01, max_hvp={args.trace_max_hvp})", ft)
+    trace_row("trace  flatlens trace('hutchpp', rtol=0.01)", fl_r["trace_hutchpp"])
     hvp_s = res["kcost"]["gradient_s"] * res["kcost"].get(res["kernel"], math.nan)  # seconds per HVP, this kernel
     gn = res["gn"]
     if gn:
@@ -472,12 +471,8 @@ def report_model(res: dict, args, goals: list) -> None:
     row("top-1  flatlens spectrum(): density probe 0", [j.eigen.n_hvp for j in fj], [j.eigen.seconds for j in fj],
         f"{med(j1_err):.1e} (max {max(j1_err):.1e})",
         f"certified <= {max(float(j.eigen.rel_error_bound[0]) for j in fj):.1e}; reuses {fj[0].eigen.shared_hvp} HVPs")
-    jt_err = [rel(j.trace.estimate, tr_ref) for j in fj]
     jt_hw = [j.trace.rel_half_width for j in fj]
-    row(f"trace  flatlens spectrum(): krylov, rtol=0.01", [j.trace.n_hvp for j in fj], [j.trace.seconds for j in fj],
-        f"{med(jt_err):.1e} (max {max(jt_err):.1e})",
-        f"95% CI ±{100 * med(jt_hw):.2f}% (max ±{100 * max(jt_hw):.2f}%), {sum(j.trace.converged for j in fj)}/{len(fj)} "
-        f"met ±1%; + {fj[0].trace.shared_hvp} shared")
+    trace_row("trace  flatlens spectrum(): rtol=0.01", [j.trace for j in fj], f"; + {fj[0].trace.shared_hvp} shared")
     row("all    flatlens spectrum() total", [j.n_hvp for j in fj], [j.seconds for j in fj], "-",
         "density + top-1 + trace from shared Lanczos runs")
 

@@ -151,8 +151,8 @@ def _sample_squares(forward: Callable[..., Tensor], leaves: dict[str, Tensor], x
 
 PER_SAMPLE_MODES = ("auto", "vmap", "loop")
 """How :func:`hessian_diagonal` forms the per-sample products: ``vmap`` (``torch.func``, a chunk of samples
-at a time), ``loop`` (one batch-1 backward per sample and column) or ``auto`` (``vmap``, falling back to
-``loop`` where the model has an op ``torch.func.vmap`` cannot batch)."""
+at a time), ``loop`` (one batch-1 backward per sample and column) or ``auto`` (both timed on the first
+samples, the faster kept; ``loop`` where the model has an op ``torch.func.vmap`` cannot batch)."""
 
 _CHUNK_BYTES = 256 << 20
 """Memory the vmap path may spend on per-sample gradients per chunk (two parameter-sized tensors each)."""
@@ -265,8 +265,8 @@ class _Steps:
 
     ``auto`` runs ``vmap`` on two chunks and ``loop`` on two samples (the first of each warms up; all of
     them count towards the result) and keeps whichever took less time per sample in its second run.
-    Which wins depends on the model and the device: on a 2-core CPU ``vmap`` was 5-15x faster for small
-    CNNs and 1.7x slower for ResNet-18, whose per-sample conv weight gradients vmap batches poorly.
+    Which wins depends on the model and the device: on a 2-core CPU ``vmap`` was 3x faster for a small
+    BN-CNN and about 5x slower for ResNet-18, whose per-sample conv weight gradients vmap batches poorly.
     A ``vmap`` failure before any chunk succeeded (an op it cannot batch) leaves ``loop``, saying why.
     """
 
@@ -275,6 +275,7 @@ class _Steps:
             raise FlatlensError(f"per_sample={per_sample!r}; pass one of {', '.join(PER_SAMPLE_MODES)}")
         self.forward = make_forward_fn(obj.model)
         self.leaves = _leaves(obj)
+        self.params = _detached(self.leaves)  # the same tensors without autograd, for torch.func
         self.size = _chunk_size(self.leaves, chunk)
         self.part = [torch.zeros_like(p) for p in self.leaves.values()]  # one step's squares, model dtype
         self.asked = per_sample
@@ -302,14 +303,11 @@ class _Steps:
     def run(self, x: Tensor, start: int) -> int:
         """Squares of the samples from ``x[start]`` on into ``self.part``; returns how many samples were done."""
         while True:
-            if self.trials:
-                mode = self.trials[0]
-            else:
-                mode = self.mode = min(self.per_sample_s, key=self.per_sample_s.__getitem__, default=self.mode)
+            mode = self.trials[0] if self.trials else self.mode
             X = x[start:start + (self.size if mode == "vmap" else 1)]
             t0 = time.perf_counter()
             try:
-                self.columns = (_vmap_squares(self.forward, _detached(self.leaves), X, self.part) if mode == "vmap"
+                self.columns = (_vmap_squares(self.forward, self.params, X, self.part) if mode == "vmap"
                                 else _sample_squares(self.forward, self.leaves, X, self.part))
             except (RuntimeError, NotImplementedError) as err:
                 if mode == "loop":
@@ -327,6 +325,8 @@ class _Steps:
                 self.trials.pop(0)
                 if mode not in self.trials:  # the second (warm) run of this form
                     self.per_sample_s[mode] = seconds / X.shape[0]
+                if not self.trials:  # timing done: the faster form does the rest
+                    self.mode = min(self.per_sample_s, key=self.per_sample_s.__getitem__)
             return int(X.shape[0])
 
 

@@ -74,6 +74,7 @@ from torch import Tensor
 from flatlens import store
 from flatlens.errors import FlatlensError
 from flatlens.measure import linalg as L
+from flatlens.measure.gauss_newton import PER_SAMPLE_MODES
 from flatlens.measure.params import SideEffectError
 from flatlens.seeding import generator as seeded_generator
 
@@ -987,9 +988,7 @@ def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequenc
     res = _trace_estimate(raw, src, bl, 0, gn.seconds, seed, method="gauss-newton", rtol=None, max_hvp=0, level=0.95,
                           layer_rtol=None, layer_floor=0.01)
     res.details = {"n_backward": gn.n_backward, "per_sample": gn.per_sample, "per_sample_selection": gn.selection,
-                   "check": True,
-                   "check_max_ratio": pl.max_ratio,
-                   "check_worst": pl.worst, "check_rtol": pl.rtol, "check_samples": pl.n_samples,
+                   "check": True, "check_max_ratio": pl.max_ratio, "check_worst": pl.worst, "check_rtol": pl.rtol, "check_samples": pl.n_samples,
                    "identity": "tr(H) = tr(GGN): exact for piecewise-linear networks (per-tensor Hessian blocks "
                                "equal the Gauss-Newton blocks)"}
     return res
@@ -1251,7 +1250,7 @@ def _add_trace_args(g: Any) -> None:
                    help="trace estimator; krylov: probes deflated by a Lanczos basis of max-hvp/3 steps (tighter "
                         "than hutchpp's sketch at the same HVPs); gauss-newton: exact for piecewise-linear nets (ReLU, "
                         "pooling, eval BatchNorm), checked first, C-1 per-sample vector-Jacobian products (batched with torch.func), no HVPs")
-    g.add_argument("--gauss-newton-per-sample", default="auto", choices=("auto", "vmap", "loop"),
+    g.add_argument("--gauss-newton-per-sample", default="auto", choices=PER_SAMPLE_MODES,
                    help="gauss-newton: per-sample products batched by torch.func (vmap), one by one (loop), or "
                         "whichever is faster on the first samples (auto)")
     g.add_argument("--trace-rtol", type=float, default=0.01, help="stop at this relative 95%% CI half-width (0: spend --max-hvp)")
