@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import platform
 import statistics
@@ -132,6 +133,31 @@ def make_data(kind: str, n: int, shape: tuple[int, int, int], seed: int) -> tupl
 
 def make_model(arch: str, shape: tuple[int, int, int], x: torch.Tensor, y: torch.Tensor, steps: int,
                seed: int) -> nn.Module:
+    """The measured model: ``steps`` seeded Adam steps, on ONE thread whatever ``--threads`` says.
+
+    CPU convolutions sum in an order that depends on the thread count, and 30 Adam steps amplify those
+    rounding differences: the same seed trained a ResNet-18 with top eigenvalue 194 on one thread and
+    316 on two. Training on one thread makes the model the same for every ``--threads`` (its hash is
+    printed; a different CPU's kernels may still change it).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(arch, shape, x, y, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def model_hash(model: nn.Module) -> str:
+    """First 12 hex digits of the SHA-256 of the state dict's tensors, to compare benchmark runs."""
+    h = hashlib.sha256()
+    for v in model.state_dict().values():
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _train(arch: str, shape: tuple[int, int, int], x: torch.Tensor, y: torch.Tensor, steps: int,
+           seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(ModelConfig(arch=arch), shape, 10)
     if steps:
@@ -247,7 +273,7 @@ def bench_model(arch: str, n: int, args, counter: PyHessianCounter) -> dict:
     model = make_model(arch, shape, x, y, args.train_steps, args.seed)
     print(f"\n## {arch}: {sum(p.numel() for p in model.parameters()):,} parameters, {n} samples of "
           f"{'x'.join(map(str, shape))} ({args.data}), trained {args.train_steps} steps "
-          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+          f"({time.perf_counter() - t0:.1f} s, one thread; weights {model_hash(model)})", flush=True)
     seeds = [args.seed + 1000 * (r + 1) for r in range(args.repeats)]
     res: dict = {"arch": arch, "n": n}
 
