@@ -114,3 +114,30 @@ def test_freeze_bn_is_applied_during_training(tmp_path):
         if "running" in key:
             assert torch.equal(init["model"][key], last["model"][key]), key
     assert not torch.equal(init["model"]["featurizer.1.weight"], last["model"]["featurizer.1.weight"])  # BN affine trains
+
+
+def test_resume_with_other_torch_threads_warns_that_it_is_not_bitwise(tmp_path):
+    """CPU kernels sum in a thread-dependent order, so a resume on another thread count cannot be bitwise."""
+    import json
+    import warnings
+
+    from conftest import tiny_config
+    from flatlens.engine.loop import train
+    from flatlens.engine.rundir import resume_differences
+
+    assert resume_differences({"torch_threads": 2, "torch": "2.14.1"}, {"torch_threads": 1, "torch": "2.14.1"}) == \
+        ["torch_threads (2 -> 1)"]
+    assert resume_differences({}, {"torch_threads": 1}) == []  # an env.json without the key says nothing
+    cfg = tiny_config("train.steps=4", "train.eval_every=2")
+    out = tmp_path / "run"
+    train(cfg, out, verbose=False)
+    (out / "done").unlink()  # as if killed after the last checkpoint
+    env = json.loads((out / "env.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same environment resumes silently
+        train(cfg, out, resume=True, verbose=False)
+    (out / "done").unlink()
+    env["torch_threads"] = torch.get_num_threads() + 3
+    (out / "env.json").write_text(json.dumps(env))
+    with pytest.warns(RuntimeWarning, match=r"torch_threads \(\d+ -> \d+\).*OMP_NUM_THREADS"):
+        train(cfg, out, resume=True, verbose=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from flatlens import distributed as D
 from flatlens.engine.algorithms import Algorithm, build_algorithm
 from flatlens.engine.evaluate import evaluate
 from flatlens.engine.hooks import TrainHook, build_hooks
-from flatlens.engine.rundir import RunDir, environment
+from flatlens.engine.rundir import RunDir, environment, resume_differences
 from flatlens.engine.selection import is_candidate, score, test_accuracy
 from flatlens.errors import FlatlensError
 from flatlens.network import build_network
@@ -181,6 +182,12 @@ class Trainer:
         _set_rng_state(ts["rng"], self.ctx.device)
         if self.ctx.is_main:
             self.rundir.write_records(self.records)  # drop anything written after this checkpoint
+            differ = resume_differences(self.rundir.started_environment(),
+                                        environment(self.ctx.device, self.ctx.world_size))
+            if differ:
+                warnings.warn(f"resuming {self.rundir.root} with {', '.join(differ)}: the run continues correctly but "
+                              "not bitwise like an uninterrupted one; resume with the start's settings (e.g. "
+                              "OMP_NUM_THREADS / torch.set_num_threads) for that", RuntimeWarning, stacklevel=2)
 
     # -- running ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
