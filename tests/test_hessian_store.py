@@ -66,6 +66,8 @@ def test_schema_keys_and_read_back(tmp_path, results):
     assert a["split"] == "custom" and a["n_samples"] == 50 and a["eigenvalue_tol"] == 1e-3 and a["trace_rtol"] == 0.05
     assert a["differentiated"] == "float model" and a["bn_mode"] == "eval" and a["param_names"] == obj.space.names
     assert a["trace_method"] == "krylov" and a["eigenvalue_hvp_kernel"] == "double_backward"
+    assert a["eigenvalue_torch_threads"] == a["density_torch_threads"] == torch.get_num_threads() >= 1
+    assert "torch_threads" not in a  # per measure: the measures of one group may run on other thread counts
     assert store.groups(p) == ["hessian"]
 
 

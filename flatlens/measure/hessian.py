@@ -42,7 +42,8 @@ unclipped weights), in ``dequant`` space the float copy holding ``w_q``. BatchNo
 
 Randomness: every start and probe vector comes from a CPU generator seeded by
 ``flatlens.seeding.generator(seed, <measure>, 0)`` (``"hessian"``, ``"trace"``, ``"density"``,
-``"power_iteration"``), so a seed gives bitwise the same result on the same device and HVP kernel.
+``"power_iteration"``), so a seed gives bitwise the same result on the same device, HVP kernel and torch thread count (CPU
+kernels sum in a thread-dependent order; ``<prefix>torch_threads`` is stored).
 No side effects: the model state (parameters, buffers, ``.grad``, ``requires_grad``, training flags) is
 verified bit-identical after every call and the global RNG is never drawn from.
 
@@ -93,7 +94,7 @@ SHARED_KEYS = (
 )
 """Attributes of ``/hessian`` that all its measures share; a write with other values replaces the group."""
 
-_PER_MEASURE = ("hvp_kernel", "world_size", "device")
+_PER_MEASURE = ("hvp_kernel", "world_size", "device", "torch_threads")
 """Provenance that may differ between the measures of one group: stored as ``<prefix><key>``."""
 
 Progress = Callable[[int], Any]
@@ -137,20 +138,21 @@ def _source(obj: Any, *, hvp: bool = True) -> _Source:
     if isinstance(obj, Objective):
         if hvp:
             obj.hvp_engine  # build the engine (kernel selection) outside the timed part
-        prov = obj.describe()
+        prov = {**obj.describe(), "torch_threads": torch.get_num_threads()}
         if not hvp:
             prov.pop("hvp_kernel", None)
         return _Source(obj.operator(), prov, _root_provenance(obj), obj)
     if isinstance(obj, HessianVectorProduct):
         prov = {"source": "HessianVectorProduct", "hvp_kernel": obj.kernel, "n_params": obj.n,
                 "dtype": str(obj.dtype).replace("torch.", ""), "param_names": list(obj.names),
-                "param_shapes": [list(s) for s in obj.shapes]}
+                "param_shapes": [list(s) for s in obj.shapes], "torch_threads": torch.get_num_threads()}
         return _Source(obj.as_operator(), prov, _root_provenance(None))
     try:
         op = L.as_operator(obj)
     except ValueError as exc:
         raise FlatlensError(f"cannot measure a {type(obj).__name__}: {exc}") from None
-    prov = {"source": "operator", "n_params": op.n, "dtype": str(op.dtype).replace("torch.", "")}
+    prov = {"source": "operator", "n_params": op.n, "dtype": str(op.dtype).replace("torch.", ""),
+            "torch_threads": torch.get_num_threads()}
     return _Source(op, prov, _root_provenance(None))
 
 
@@ -227,6 +229,7 @@ class _Stored:
                 f"{prefix}seed": int(self.seed), f"{prefix}hvp_kernel": str(self.provenance.get("hvp_kernel", "")),
                 f"{prefix}world_size": int(self.provenance.get("world_size", 1)),
                 f"{prefix}device": str(self.provenance.get("device", "")),
+                f"{prefix}torch_threads": int(self.provenance.get("torch_threads", 0)),
                 f"{prefix}shared_hvp": int(self.shared_hvp),
                 f"{prefix}written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
