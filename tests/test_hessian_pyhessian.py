@@ -62,7 +62,7 @@ def test_top_eigenvalue_and_trace_agree_with_pyhessian(setup):
     eig = fl.hessian.eigenvalues(obj, k=1, tol=1e-3)
     truth = torch.linalg.eigvalsh(dense_hessian(obj))
     # both within their tolerances of the truth; ours certified, PyHessian's by its (uncertified) rule
-    assert abs(eig.values[0] - truth[-1]) <= float(eig.residuals[0]) and eig.rel_error_bound[0] <= 1.01e-3
+    assert abs(eig.values[0] - truth[-1]) <= float(eig.residuals[0]) and eig.rel_error_bound[0] <= 1e-3 * (1 + 1e-12)
     assert top == pytest.approx(float(truth[-1]), rel=3e-3)
     assert top == pytest.approx(float(eig.values[0]), rel=3e-3)
     # traces: agree within 3 combined standard errors (PyHessian's from its 300 Hutchinson samples)

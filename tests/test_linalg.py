@@ -72,6 +72,18 @@ def test_lanczos_top_and_bottom_tight_tolerance(A_indef):
     assert res.values.shape == (8,) and res.residuals.shape == (8,)
 
 
+def test_lanczos_certified_relative_error_is_at_most_tol(A_decay):
+    """"Certified to tol" means ``r / (|theta| - r) <= tol`` (relative to the true eigenvalue), not only
+    ``r <= tol |theta|``: a loose tol makes the difference between the two rules visible."""
+    every = torch.linalg.eigvalsh(A_decay).double()
+    for tol in (0.3, 0.05):
+        for seed in range(40):
+            r = lanczos_eigenvalues(A_decay, k_top=3, tol=tol, generator=seed)
+            assert r.all_converged and torch.all(r.rel_error_bound <= tol * (1 + 1e-12)), (tol, seed)
+            near = (r.values[:, None] - every[None, :]).abs().min(dim=1).values  # some eigenvalue within r
+            assert torch.all(near <= r.residuals + 1e-12)
+
+
 def test_lanczos_certificate_holds_over_seeds(A_indef, A_decay):
     """At tol=1e-3 every converged Ritz value is within its residual (and relative bound) of the truth."""
     for A, kt, kb in ((A_indef, 5, 2), (A_decay, 5, 0)):
@@ -83,7 +95,7 @@ def test_lanczos_certificate_holds_over_seeds(A_indef, A_decay):
             err = (r.values - want).abs()
             assert torch.all(err <= r.residuals + 1e-12), (seed, err, r.residuals)
             assert torch.all(err / want.abs() <= r.rel_error_bound + 1e-12)
-            assert torch.all(r.rel_error_bound <= 1e-3 / (1 - 1e-3) + 1e-15)
+            assert torch.all(r.rel_error_bound <= 1e-3 * (1 + 1e-12))  # certified to tol, relative to lambda
             # gap-based estimate is never looser than the residual bound
             assert torch.all(r.gap_rel_error_bound <= r.rel_error_bound + 1e-15)
             # interlacing: i-th largest Ritz value <= i-th largest eigenvalue

@@ -525,8 +525,9 @@ def eigenvalues(obj: Any, k: int = 1, k_bottom: int = 0, *, tol: float = 1e-3, s
                 start: str = "auto", progress: Progress | None = None) -> EigenResult:
     """The ``k`` largest and ``k_bottom`` smallest Hessian eigenvalues, certified, in one Lanczos run.
 
-    Stops when every wanted Ritz residual is ``<= tol * |theta|`` (the relative error is then at most
-    ``tol / (1 - tol)``, and usually ~``r^2 / gap``, far smaller); the ``k_bottom`` values also accept
+    Stops when every wanted Ritz residual is ``<= tol * |theta| / (1 + tol)``, so the certified relative
+    error ``r / (|theta| - r)`` is at most ``tol`` (the true error is usually ~``r^2 / gap``, far
+    smaller); the ``k_bottom`` values also accept
     ``r <= bottom_norm_tol * max|theta|`` (default ``tol``). ``max_iter`` caps the HVPs (default
     ``max(50, 4 (k + k_bottom) + 20)``; the Lanczos basis holds that many parameter-sized vectors).
     ``stop="gap"`` stops on the sharper but uncertified ``r^2 / gap`` estimate.

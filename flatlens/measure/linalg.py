@@ -315,8 +315,8 @@ class LanczosResult:
       discarded couplings at invariant-subspace restarts, an upper bound). For any unit vector ``y``
       some eigenvalue ``lambda`` satisfies ``|lambda - theta| <= r``: this is the certificate.
     * ``rel_error_bound = r / (|theta| - r)`` bounds ``|lambda - theta| / |lambda|`` for that
-      eigenvalue (``inf`` when ``r >= |theta|``). The stopping rule ``r <= tol |theta|`` makes it
-      ``<= tol / (1 - tol)``.
+      eigenvalue (``inf`` when ``r >= |theta|``). The stopping rule ``r <= tol |theta| / (1 + tol)``
+      makes it ``<= tol``: "certified to ``tol``" is relative to the true eigenvalue.
     * ``gap_rel_error_bound`` uses the sharper ``|lambda - theta| <= r^2 / gap`` (valid when no other
       eigenvalue lies within ``gap`` of ``theta``), with ``gap`` *estimated* from the other Ritz values
       (``min_j |theta_j - theta| - r_j``); it is an estimate, not a certificate, and falls back to the
@@ -455,7 +455,7 @@ def lanczos_eigenvalues(
     after ``m`` steps the tridiagonal ``T_m = Q_m^T A Q_m`` is diagonalised in float64 and its Ritz
     values ``theta_i`` come with residual norms ``r_i = |beta_m s_{m,i}|``. The run stops as soon as
     every wanted Ritz value (the ``k_top`` largest and the ``k_bottom`` smallest) satisfies
-    ``r_i <= max(tol * |theta_i|, atol)``, or after ``max_iter`` steps (``converged`` then says which
+    ``r_i <= max(tol * |theta_i| / (1 + tol), atol)`` (so ``r_i / (|theta_i| - r_i) <= tol``), or after ``max_iter`` steps (``converged`` then says which
     did). See :class:`LanczosResult` for what the residuals certify.
 
     Invariant subspaces (``beta ~ 0``: a low-rank operator, the identity, a start vector inside an
@@ -476,8 +476,8 @@ def lanczos_eigenvalues(
         v0: optional start vector (overrides the random start).
         return_vectors: also return the Ritz vectors (``n x k`` in the operator's dtype/device).
         reorth_passes: Gram-Schmidt passes per step (2 is "twice is enough").
-        stop: ``"residual"`` (default) stops on the certified bound ``r <= tol |theta|``; ``"gap"``
-            stops on the gap-based estimate ``min(r, r^2 / gap) <= tol |theta|``, which typically
+        stop: ``"residual"`` (default) stops on the certified bound ``r <= tol |theta| / (1 + tol)``;
+            ``"gap"`` stops on the gap-based estimate ``min(r, r^2 / gap)`` in its place, which typically
             saves 1-3 applications but is an estimate (``converged`` then refers to it). The achieved
             error with ``"residual"`` is usually far below ``tol`` (about ``r^2 / gap``).
         bottom_norm_tol: for the ``k_bottom`` smallest values only, also accept ``r <= bottom_norm_tol *
@@ -582,7 +582,7 @@ def lanczos_eigenvalues(
             if bottom_norm_tol is not None:
                 nb = len(wanted) - min(k_top, len(wanted))
                 floors[len(wanted) - nb:] = np.maximum(floors[len(wanted) - nb:], bottom_norm_tol * anorm)
-            conv_mask = err <= np.maximum(tol * np.abs(theta[wanted]), floors)
+            conv_mask = err <= np.maximum(tol / (1.0 + tol) * np.abs(theta[wanted]), floors)
             done = bool(conv_mask.all())
         else:
             done = False
