@@ -7,7 +7,8 @@ on 1 x S x S digits (S = ``--image-size``, default 16 as in ``experiments/*.toml
 ResNet-18 (BatchNorm, eval mode) on 3 x 32 x 32 inputs (the digits resized and repeated over the
 channels). Inputs are scikit-learn's bundled digits (``--data digits``, at most 1797 samples) or
 Gaussian noise (``--data random``). Each model is first trained ``--train-steps`` Adam steps on the
-same samples (a trained net's spectrum has the outliers real analyses see).
+same samples (a trained net's spectrum has the outliers real analyses see), on one thread whatever
+``--threads`` says, so the model is the same for every thread count (its hash is printed).
 
 What is run and timed, per model (every timed call on the same prepared operator; the medians over
 ``--repeats`` seeds are printed; PyHessian draws from the global RNG, which is forked and seeded):
@@ -67,8 +68,8 @@ relative half-width, floored at 1 %) times its measured seconds per probe. That 
     python benchmarks/bench_hessian.py --mnist-samples 512 --image-size 28
 
 Sizes are small by default because every HVP is an exact pass over all N samples and one model
-costs ~1,000 HVPs (references, both tools, 3 repeats). The default run took 26 minutes on a quiet
-2-core VM (2026-12-01; a ResNet-18 HVP over 16 samples took ~0.2 s, most of the time goes to PyHessian
+costs ~1,000 HVPs (references, both tools, 3 repeats). The default run took 25-28 minutes on a
+2-core VM (2026-12-02; a ResNet-18 HVP over 16 samples took ~0.25 s, most of the time goes to PyHessian
 and to the references), and 42 minutes with ``--repeats 2`` on a loaded one; ``--mnist-samples 512``
 alone took 30 minutes. ``--quick`` took 19 s on the quiet VM.
 Results and their reading: README.md, "Speed and accuracy vs PyHessian".
