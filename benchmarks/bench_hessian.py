@@ -40,7 +40,7 @@ What is run and timed, per model (every timed call on the same prepared operator
 * the exact trace, ``hessian.trace(obj, "gauss-newton")``, where :func:`gauss_newton.check_piecewise_linear`
   passes (ResNet-18: ReLU, max/avg pooling, eval BatchNorm; MNIST-CNN's GroupNorm is refused): its
   seconds, also as "HVPs' time" (seconds / seconds per HVP of the selected kernel), the time of its
-  batch-1 loop (``per_sample="loop"``, once) against the default ``vmap`` batching, and its agreement
+  batch-1 loop (``per_sample="loop"``, once) against the default ``auto`` choice, and its agreement
   with the reference trace (in that estimate's standard errors). Goals G4 and G7 get an "exact route"
   line beside the estimator's line.
 * HVP kernel cost: per probe, relative to one gradient (forward + backward) over the same Objective's

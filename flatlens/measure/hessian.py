@@ -42,8 +42,8 @@ unclipped weights), in ``dequant`` space the float copy holding ``w_q``. BatchNo
 
 Randomness: every start and probe vector comes from a CPU generator seeded by
 ``flatlens.seeding.generator(seed, <measure>, 0)`` (``"hessian"``, ``"trace"``, ``"density"``,
-``"power_iteration"``), so a seed gives bitwise the same result on the same device, HVP kernel and torch thread count (CPU
-kernels sum in a thread-dependent order; ``<prefix>torch_threads`` is stored).
+``"power_iteration"``), so a seed gives bitwise the same result on the same device, HVP kernel and
+torch thread count (CPU kernels sum in a thread-dependent order; ``<prefix>torch_threads`` is stored).
 No side effects: the model state (parameters, buffers, ``.grad``, ``requires_grad``, training flags) is
 verified bit-identical after every call and the global RNG is never drawn from.
 
@@ -113,6 +113,10 @@ class _Source:
     root: dict[str, Any]
     obj: Any = None
 
+    def __post_init__(self) -> None:
+        # bitwise reproducibility holds per thread count (CPU kernels sum in a thread-dependent order)
+        self.provenance.setdefault("torch_threads", torch.get_num_threads())
+
     @contextmanager
     def guard(self) -> Iterator[None]:
         """Verify afterwards: model state bit-identical (Objective only) and the global RNG untouched."""
@@ -138,21 +142,20 @@ def _source(obj: Any, *, hvp: bool = True) -> _Source:
     if isinstance(obj, Objective):
         if hvp:
             obj.hvp_engine  # build the engine (kernel selection) outside the timed part
-        prov = {**obj.describe(), "torch_threads": torch.get_num_threads()}
+        prov = obj.describe()
         if not hvp:
             prov.pop("hvp_kernel", None)
         return _Source(obj.operator(), prov, _root_provenance(obj), obj)
     if isinstance(obj, HessianVectorProduct):
         prov = {"source": "HessianVectorProduct", "hvp_kernel": obj.kernel, "n_params": obj.n,
                 "dtype": str(obj.dtype).replace("torch.", ""), "param_names": list(obj.names),
-                "param_shapes": [list(s) for s in obj.shapes], "torch_threads": torch.get_num_threads()}
+                "param_shapes": [list(s) for s in obj.shapes]}
         return _Source(obj.as_operator(), prov, _root_provenance(None))
     try:
         op = L.as_operator(obj)
     except ValueError as exc:
         raise FlatlensError(f"cannot measure a {type(obj).__name__}: {exc}") from None
-    prov = {"source": "operator", "n_params": op.n, "dtype": str(op.dtype).replace("torch.", ""),
-            "torch_threads": torch.get_num_threads()}
+    prov = {"source": "operator", "n_params": op.n, "dtype": str(op.dtype).replace("torch.", "")}
     return _Source(op, prov, _root_provenance(None))
 
 

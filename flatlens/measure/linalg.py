@@ -455,8 +455,8 @@ def lanczos_eigenvalues(
     after ``m`` steps the tridiagonal ``T_m = Q_m^T A Q_m`` is diagonalised in float64 and its Ritz
     values ``theta_i`` come with residual norms ``r_i = |beta_m s_{m,i}|``. The run stops as soon as
     every wanted Ritz value (the ``k_top`` largest and the ``k_bottom`` smallest) satisfies
-    ``r_i <= max(tol * |theta_i| / (1 + tol), atol)`` (so ``r_i / (|theta_i| - r_i) <= tol``), or after ``max_iter`` steps (``converged`` then says which
-    did). See :class:`LanczosResult` for what the residuals certify.
+    ``r_i <= max(tol * |theta_i| / (1 + tol), atol)`` (so ``r_i / (|theta_i| - r_i) <= tol``), or after
+    ``max_iter`` steps (``converged`` then says which did). See :class:`LanczosResult` for what the residuals certify.
 
     Invariant subspaces (``beta ~ 0``: a low-rank operator, the identity, a start vector inside an
     eigenspace) are handled by restarting from a fresh random vector orthogonalised against the basis;
