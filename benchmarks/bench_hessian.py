@@ -71,7 +71,9 @@ Sizes are small by default because every HVP is an exact pass over all N samples
 costs ~1,000 HVPs (references, both tools, 3 repeats). The default run took 25-28 minutes on a
 2-core VM (2026-12-02; a ResNet-18 HVP over 16 samples took ~0.25 s, most of the time goes to PyHessian
 and to the references), and 42 minutes with ``--repeats 2`` on a loaded one; ``--mnist-samples 512``
-alone took 30 minutes, and ``--models resnet18 --resnet-samples 512`` 89 minutes (~2.2 s per HVP).
+alone took 30 minutes, ``--models resnet18 --resnet-samples 512`` 89 minutes (~2.2 s per HVP), and
+``--models mnist_cnn --mnist-samples 1792 --repeats 2`` 91 minutes (~5 s per HVP; the embedded digits
+hold 1,797 samples, so 2048 needs ``--data random``).
 ``--quick`` took 19 s on the quiet VM.
 Results and their reading: README.md, "Speed and accuracy vs PyHessian".
 """
