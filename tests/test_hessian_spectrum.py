@@ -110,6 +110,21 @@ def test_spectrum_continues_lanczos_when_density_steps_do_not_certify():
     assert e.all_converged and torch.allclose(e.values, ev[:2], rtol=1e-6)
 
 
+def test_spectrum_rejects_bad_eigenvalue_arguments_before_any_hvp():
+    """A bad --tol/--k must fail at once, not after the density's SLQ HVPs (which would be lost)."""
+    A = _spd(40)
+    calls = []
+    op = L.SymmetricOperator(lambda v: (calls.append(1), A @ v)[1], 40, dtype=F64)
+    for kwargs, match in ((dict(tol=0.0), "tol=0.0 must be > 0"), (dict(tol=2.0), "must be < 1"),
+                          (dict(k=0), "ask for nothing"), (dict(k=2, eig_max_iter=1), "max_iter=1"),
+                          (dict(stop="x"), "stop='x'")):
+        with pytest.raises(fl.FlatlensError, match=match):
+            fl.hessian.spectrum(op, 2, 8, trace=False, **kwargs)
+    assert calls == []
+    sp = fl.hessian.spectrum(op, 2, 8, k=0, eigen=False, trace=False)  # k is not checked when eigen=False
+    assert sp.eigen is None and len(calls) > 0
+
+
 def test_spectrum_is_side_effect_free_seeded_and_writes_all_three(tmp_path):
     net = _bn_cnn()
     obj = Objective(net, batches=_data(), kernel="graph_reuse")

@@ -179,7 +179,8 @@ def test_lanczos_float32_operator_and_reproducibility(A_indef):
 
 def test_lanczos_bad_arguments():
     A = torch.eye(5, dtype=F64)
-    for kwargs in (dict(k_top=0), dict(k_top=6), dict(tol=-1.0), dict(max_iter=0), dict(generator="x")):
+    for kwargs in (dict(k_top=0), dict(k_top=6), dict(tol=-1.0), dict(tol=1.0), dict(tol=2.0), dict(max_iter=0),
+                   dict(generator="x"), dict(stop="x")):
         with pytest.raises(ValueError) as ei:
             lanczos_eigenvalues(A, **kwargs)
         assert "\n" not in str(ei.value)

@@ -6,7 +6,7 @@ small result object with values, error bars, costs and provenance)::
     import flatlens as fl
     obj = fl.Objective(fl.load_checkpoint("runs/qat/model.pt"), split="target", samples=1024, space="dequant")
     eig = fl.hessian.eigenvalues(obj, k=5, k_bottom=1, tol=1e-3)   # Lanczos, certified by residuals
-    tr = fl.hessian.trace(obj, rtol=0.01)                           # Hutch++ with a 95 % CI + per-layer traces
+    tr = fl.hessian.trace(obj, rtol=0.01)                           # krylov, with a 95 % CI + per-layer traces
     dens = fl.hessian.density(obj, n_probes=3, n_steps=30)          # SLQ, Gaussian-smoothed
     fl.hessian.write("analysis.h5", eig, tr, dens)                  # the /hessian group `flatlens sharpness` writes
     sp = fl.hessian.spectrum(obj, 3, 30, k=5)                       # the three sharing the SLQ runs; sp.write(path)
@@ -15,14 +15,15 @@ small result object with values, error bars, costs and provenance)::
 What each function does (the maths and error statements are in :mod:`flatlens.measure.linalg`):
 
 * :func:`eigenvalues` -- the ``k`` largest and ``k_bottom`` smallest eigenvalues in ONE Lanczos run with
-  full reorthogonalisation. It stops when every Ritz residual satisfies ``r <= tol |theta|`` (bottom
-  values: or ``r <= tol max|theta|``, since the bottom of a Hessian spectrum is a bulk near zero), so
-  each returned value is within ``r`` of an eigenvalue: the relative error is *certified*.
+  full reorthogonalisation. It stops when every Ritz residual satisfies ``r <= tol |theta| / (1 + tol)``
+  (bottom values: or ``r <= tol max|theta|``, since the bottom of a Hessian spectrum is a bulk near zero),
+  so each returned value is within ``r`` of an eigenvalue: the relative error ``r / (|theta| - r)`` is
+  *certified* to be at most ``tol``.
 * :func:`power_iteration` -- PyHessian's deflated power iteration, step for step, for comparisons
   (uncertified: it stops when the Rayleigh quotient changes by less than ``tol``).
-* :func:`trace` -- Hutch++ (default), XTrace or Hutchinson with a 95 % confidence interval and a
-  stopping rule on its relative half-width; Hutch++ and Hutchinson also give the per-layer traces
-  ``tr(H_ll)`` (diagonal blocks) from the same probes at no extra HVP, and for quantized layers the
+* :func:`trace` -- Krylov-deflated Hutchinson (``krylov``, default), Hutch++, XTrace or Hutchinson with a
+  95 % confidence interval and a stopping rule on its relative half-width; all but XTrace also give the
+  per-layer traces ``tr(H_ll)`` (diagonal blocks) from the same probes at no extra HVP, and for quantized layers the
   QGen noise term ``E[delta^T H_ll delta] / 2 = sum_c (s_c^2 / 24) tr(H_cc)`` for uniform rounding
   noise ``delta_i ~ U(-s_c/2, s_c/2)`` with the layer's (per-channel) LSQ step sizes ``s_c`` -- exact in
   expectation for the quadratic model (per-channel diagonal blocks, no approximation of the step).
@@ -254,7 +255,7 @@ class EigenResult(_Stored):
     ``values``: the ``k`` largest (descending); ``bottom``: the ``k_bottom`` smallest (ascending).
     ``residuals``: Ritz residual norms ``||H y - theta y||``; some eigenvalue lies within each residual
     of its value (the certificate); ``rel_error_bound = r / (|theta| - r)``. ``converged``: the
-    stopping rule (``r <= tol |theta|``; bottom values also ``r <= tol max|theta|``) held.
+    stopping rule (``r <= tol |theta| / (1 + tol)``; bottom values also ``r <= tol max|theta|``) held.
     """
 
     values: Tensor = None  # type: ignore[assignment]
@@ -1148,6 +1149,9 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
         max_hvp = L._check_int("max_hvp", max_hvp, 1, "pass the most residual probes the trace may use")
         rtol, layer_rtol, level, min_samples, block_size = _check_trace_args(rtol, layer_rtol, level, min_samples,
                                                                              block_size)
+        if eigen:  # before the SLQ, so a bad value fails at once, not after the density's HVPs
+            L.check_eigen_args(op.n, k, k_bottom, tol=tol, max_iter=eig_max_iter, stop=stop,
+                               bottom_norm_tol=bottom_norm_tol)
         n0 = op.n_matvec
         t0 = time.perf_counter()
         r = L.slq_density(op, n_probes, n_steps, grid=grid, sigma=sigma, generator=seeded_generator(seed, "density", 0),
@@ -1243,10 +1247,10 @@ def read(path: str | Path) -> dict[str, Any]:
 def _add_hessian_args(g: Any) -> None:
     g.add_argument("--k", type=int, default=1, help="how many largest eigenvalues")
     g.add_argument("--k-bottom", type=int, default=0, help="how many smallest eigenvalues (negative curvature)")
-    g.add_argument("--tol", type=float, default=1e-3, help="certified relative error of each eigenvalue")
+    g.add_argument("--tol", type=float, default=1e-3, help="certified relative error of each eigenvalue, in (0, 1)")
     g.add_argument("--eig-max-iter", type=int, default=None, help="most Lanczos steps (HVPs); default max(50, 4k+20)")
     g.add_argument("--eig-stop", default="residual", choices=("residual", "gap"),
-                   help="residual: certified r <= tol|theta|; gap: the sharper uncertified r^2/gap estimate")
+                   help="residual: certified r <= tol|theta|/(1+tol); gap: the sharper uncertified r^2/gap estimate")
     g.add_argument("--eig-start", default="auto", choices=EIG_STARTS,
                    help="Lanczos start: gradient (+ random) for the top-1, random, or auto (gradient for --k 1 alone); "
                         "with density the shared run starts from the density's first probe unless this is gradient")

@@ -49,6 +49,7 @@ __all__ = [
     "LanczosResult",
     "LanczosState",
     "lanczos_eigenvalues",
+    "check_eigen_args",
     "PowerIterationResult",
     "power_iteration",
     "TraceResult",
@@ -433,6 +434,41 @@ def _wanted(theta: np.ndarray, k_top: int, k_bottom: int) -> np.ndarray:
     return np.concatenate([top, bottom]).astype(np.int64)
 
 
+def check_eigen_args(n: int, k_top: Any, k_bottom: Any, *, tol: Any, atol: Any = None, max_iter: Any = None,
+                     stop: str = "residual", bottom_norm_tol: Any = None
+                     ) -> tuple[int, int, float, float | None, int, float | None]:
+    """Validate :func:`lanczos_eigenvalues`' arguments for an ``n``-dimensional operator, before any work.
+
+    Returns ``(k_top, k_bottom, tol, atol, max_iter, bottom_norm_tol)`` with ``max_iter`` defaulted to
+    ``max(50, 4 k + 20)``. Callers that run other work first (``spectrum``'s SLQ) call it up front, so a
+    bad value fails in a second, not after the density's HVPs. ``tol`` must lie in ``(0, 1)``: a relative
+    error bound of 1 or more certifies nothing.
+    """
+    k_top = _check_int("k_top", k_top, 0, "pass how many largest eigenvalues you want")
+    k_bottom = _check_int("k_bottom", k_bottom, 0, "pass how many smallest eigenvalues you want")
+    k = k_top + k_bottom
+    if k == 0:
+        raise ValueError("k_top=0 and k_bottom=0 ask for nothing; pass k_top >= 1 or k_bottom >= 1.")
+    if k > n:
+        raise ValueError(f"k_top + k_bottom = {k} exceeds the dimension n={n}; ask for at most n eigenvalues.")
+    tol = _check_pos("tol", tol, "pass a relative residual target such as 1e-3")
+    if tol >= 1.0:
+        raise ValueError(f"tol={tol!r} must be < 1 (a relative error bound of 1 or more certifies nothing); "
+                         "pass e.g. 1e-3.")
+    if atol is not None:
+        atol = _check_pos("atol", atol, "pass an absolute residual such as 1e-3 * lambda_max", allow_zero=True)
+    if max_iter is None:
+        max_iter = max(50, 4 * k + 20)
+    max_iter = _check_int("max_iter", max_iter, 1, "pass the most Lanczos steps to take")
+    if min(n, max_iter) < k:
+        raise ValueError(f"max_iter={max_iter} < k_top + k_bottom = {k}; pass max_iter >= {k}.")
+    if stop not in ("residual", "gap"):
+        raise ValueError(f"stop={stop!r}; pass 'residual' (certified) or 'gap' (estimate).")
+    if bottom_norm_tol is not None:
+        bottom_norm_tol = _check_pos("bottom_norm_tol", bottom_norm_tol, "pass e.g. 1e-3 or None")
+    return k_top, k_bottom, tol, atol, max_iter, bottom_norm_tol
+
+
 def lanczos_eigenvalues(
     op: Any,
     k_top: int = 1,
@@ -489,27 +525,11 @@ def lanczos_eigenvalues(
     """
     op = as_operator(op)
     n = op.n
-    k_top = _check_int("k_top", k_top, 0, "pass how many largest eigenvalues you want")
-    k_bottom = _check_int("k_bottom", k_bottom, 0, "pass how many smallest eigenvalues you want")
+    k_top, k_bottom, tol, atol, max_iter, bottom_norm_tol = check_eigen_args(
+        n, k_top, k_bottom, tol=tol, atol=atol, max_iter=max_iter, stop=stop, bottom_norm_tol=bottom_norm_tol)
     k = k_top + k_bottom
-    if k == 0:
-        raise ValueError("k_top=0 and k_bottom=0 ask for nothing; pass k_top >= 1 or k_bottom >= 1.")
-    if k > n:
-        raise ValueError(f"k_top + k_bottom = {k} exceeds the dimension n={n}; ask for at most n eigenvalues.")
-    tol = _check_pos("tol", tol, "pass a relative residual target such as 1e-3")
-    if atol is not None:
-        atol = _check_pos("atol", atol, "pass an absolute residual such as 1e-3 * lambda_max", allow_zero=True)
-    if max_iter is None:
-        max_iter = max(50, 4 * k + 20)
-    max_iter = _check_int("max_iter", max_iter, 1, "pass the most Lanczos steps to take")
     m_max = min(n, max_iter)
-    if m_max < k:
-        raise ValueError(f"max_iter={max_iter} < k_top + k_bottom = {k}; pass max_iter >= {k}.")
     reorth_passes = _check_int("reorth_passes", reorth_passes, 1, "pass 1 or 2")
-    if stop not in ("residual", "gap"):
-        raise ValueError(f"stop={stop!r}; pass 'residual' (certified) or 'gap' (estimate).")
-    if bottom_norm_tol is not None:
-        bottom_norm_tol = _check_pos("bottom_norm_tol", bottom_norm_tol, "pass e.g. 1e-3 or None")
     gen = make_generator(generator)
     dtype, device = op.dtype, op.device
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 2.0**-52
