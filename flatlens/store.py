@@ -74,6 +74,12 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def _one_line(exc: BaseException) -> str:
+    """An OS/h5py error as one line (h5py's messages span several)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror and exc.filename else str(exc)
+    return " ".join(str(text).split())
+
+
 def _fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -86,8 +92,11 @@ def _copy_on_write(path: Path):
 
     class _Ctx:
         def __enter__(self):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as exc:
+                raise StoreError(f"cannot write {path}: {_one_line(exc)}; choose another --out") from None
             os.close(fd)
             self.tmp = Path(name)
             if path.exists():
@@ -119,7 +128,7 @@ def check_file(path: str | Path, checkpoint_sha256: str | None = None) -> None:
             sha = _decode(f.attrs.get("checkpoint_sha256", ""))
             version = int(f.attrs.get("schema_version", 0))
     except OSError as exc:
-        raise StoreError(f"{p} is not a readable HDF5 file ({exc}); choose another --out") from None
+        raise StoreError(f"{p} is not a readable HDF5 file ({_one_line(exc)}); choose another --out") from None
     if fmt != FORMAT:
         raise StoreError(f"{p} is an HDF5 file but not a flatlens analysis file; choose another --out")
     if version > SCHEMA_VERSION:
@@ -144,6 +153,8 @@ def ensure_file(path: str | Path, provenance: Mapping[str, Any]) -> Path:
     same checkpoint. ``provenance``: checkpoint_sha256, checkpoint, config (dict), and anything else.
     Temporary copies left next to it by a killed writer are removed (one writer at a time)."""
     p = Path(path)
+    if p.is_dir():
+        raise StoreError(f"{p} is a directory; give --out a file path such as {p / 'analysis.h5'}")
     for stale in p.parent.glob(f".{p.name}.*.tmp"):  # left by a killed writer; one writer at a time
         stale.unlink(missing_ok=True)
     if p.exists():

@@ -55,6 +55,21 @@ def test_refuses_foreign_files_and_other_checkpoints(tmp_path):
         store.read(tmp_path / "text.h5")
 
 
+def test_unwritable_out_paths_give_one_line_errors(tmp_path):
+    """--out naming a directory, or a path under a regular file, fails at once with one line, no traceback."""
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(StoreError, match="is a directory; give --out a file path such as") as ei:
+        store.ensure_file(tmp_path / "runs", PROV)
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(StoreError, match="cannot write .*; choose another --out") as ej:
+        store.ensure_file(tmp_path / "plain" / "a.h5", PROV)
+    with pytest.raises(StoreError, match="not a readable HDF5 file") as ek:  # h5py's message spans lines
+        store.check_file(tmp_path / "runs")
+    for e in (ei, ej, ek):
+        assert "\n" not in str(e.value)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["plain", "runs"]  # nothing half-written
+
+
 def test_grid_datasets_resume(tmp_path):
     p = tmp_path / "a.h5"
     store.ensure_file(p, PROV)
