@@ -41,12 +41,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DistributedError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N "
+                               "(--device, or train.device in the config)") from None
+    if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DistributedError(f"train.device = {name!r} but CUDA is not available here; use --set train.device=cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    return torch.device(name)
+            raise DistributedError(f"device {name!r} asked but CUDA is not available here; use cpu "
+                                   "(--device cpu, or --set train.device=cpu)")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        n = torch.cuda.device_count()
+        if dev.index >= n:
+            raise DistributedError(f"device {str(dev)!r} asked but this machine has {n} CUDA device(s); use "
+                                   f"cuda:0 to cuda:{n - 1}, or auto")
+    return dev
 
 
 def setup(device: str = "auto") -> DistContext:

@@ -107,6 +107,12 @@ def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run
     (["--out", "FOREIGN"], "not a flatlens analysis file"),
     (["--out", "OTHER"], "holds results of another checkpoint"),
     (["--measures", "trace", "--trace-method", "xtrace", "--layer-rtol", "0.1"], "layer_rtol needs per-layer"),
+    (["--out", "DIR"], "is a directory; give --out a file path"),
+    (["--device", "tpu"], "device 'tpu' is not a device"),
+    (["--device", "cuda:99"], "device 'cuda:99' asked but"),
+    (["--batch-size", "0"], "--batch-size must be an int >= 1"),
+    (["--tol", "2"], "must be < 1"),
+    (["--measures", "hessian,density", "--k", "0"], "ask for nothing"),
 ])
 def test_bad_input_is_a_one_line_error_exit_2(tiny_run, tmp_path, capsys, extra, message):
     foreign = tmp_path / "foreign.h5"
@@ -114,7 +120,8 @@ def test_bad_input_is_a_one_line_error_exit_2(tiny_run, tmp_path, capsys, extra,
         f["x"] = 1
     other = tmp_path / "other.h5"
     store.ensure_file(other, {"checkpoint_sha256": "f" * 64, "config": {}})
-    extra = [str(foreign) if e == "FOREIGN" else str(other) if e == "OTHER" else e for e in extra]
+    extra = [str(foreign) if e == "FOREIGN" else str(other) if e == "OTHER" else str(tmp_path) if e == "DIR" else e
+             for e in extra]
     out = ["--out", str(tmp_path / "a.h5")] if "--out" not in extra else []
     rc = main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", *FAST, "--k", "1", *out, *extra])
     err = capsys.readouterr().err.strip()

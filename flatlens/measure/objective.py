@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -77,6 +78,13 @@ class Objective:
         # all-reduced. shard=False: every rank holds all samples and computes alone (for measures that
         # share out other work over ranks, such as the points of a landscape grid).
         self.ctx = D.current() if shard else D.DistContext()
+        try:
+            ok = not isinstance(batch_size, bool) and operator.index(batch_size) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise FlatlensError(f"--batch-size must be an int >= 1, got {batch_size!r}")
+        batch_size = operator.index(batch_size)
         self.run = source if isinstance(source, Run) else None
         model = source.model if self.run is not None else source
         if not isinstance(model, nn.Module):
