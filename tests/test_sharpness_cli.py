@@ -110,7 +110,7 @@ def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run
     (["--out", "DIR"], "is a directory; give --out a file path"),
     (["--device", "tpu"], "device 'tpu' is not a device"),
     (["--device", "cuda:99"], "device 'cuda:99' asked but"),
-    (["--batch-size", "0"], "--batch-size must be an int >= 1"),
+    (["--batch-size", "0"], "--batch-size=0 is not an int >= 1"),
     (["--tol", "2"], "must be < 1"),
     (["--measures", "hessian,density", "--k", "0"], "ask for nothing"),
 ])

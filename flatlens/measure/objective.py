@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import operator
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from flatlens import distributed as D
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import HessianVectorProduct, make_loss_fn
+from flatlens.measure.linalg import _check_int
 from flatlens.measure.params import ParamSpace, select_parameters
 from flatlens.seeding import generator
 
@@ -79,12 +79,9 @@ class Objective:
         # share out other work over ranks, such as the points of a landscape grid).
         self.ctx = D.current() if shard else D.DistContext()
         try:
-            ok = not isinstance(batch_size, bool) and operator.index(batch_size) >= 1
-        except TypeError:
-            ok = False
-        if not ok:
-            raise FlatlensError(f"--batch-size must be an int >= 1, got {batch_size!r}")
-        batch_size = operator.index(batch_size)
+            batch_size = _check_int("--batch-size", batch_size, 1, "pass how many samples to evaluate at once")
+        except ValueError as exc:
+            raise FlatlensError(str(exc)) from None
         self.run = source if isinstance(source, Run) else None
         model = source.model if self.run is not None else source
         if not isinstance(model, nn.Module):
