@@ -49,6 +49,7 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench_qat.py --models mnist_cnn --repeats 1 --steps 2 --warmup 1
 	$(PY) benchmarks/bench_hessian.py --quick
+	$(PY) benchmarks/bench_eig_stop.py --quick
 	$(PY) benchmarks/bench_landscape.py --quick
 
 clean:

@@ -29,7 +29,8 @@ What is run and timed, per model (every timed call on the same prepared operator
 * flatlens: ``hessian.eigenvalues(obj, k=1)`` (its default start for the top-1: the gradient plus a
   Rademacher vector; the gradient comes free with graph_reuse's retained graphs, else it is counted
   as one more HVP in G1), the same with ``start="random"`` for comparison, and ``(k=5)``, all at
-  ``tol=1e-3`` (stop on the certified residual bound), ``hessian.trace(obj, rtol=0.01, max_hvp=--trace-max-hvp)`` (its default ``krylov``, 95 % CI) and the
+  ``tol=1e-3`` (stop on the certified residual bound; the top-5 also with ``stop="gap"``, the sharper
+  ``r^2/gap`` estimate, for G2's measured route), ``hessian.trace(obj, rtol=0.01, max_hvp=--trace-max-hvp)`` (its default ``krylov``, 95 % CI) and the
   same with ``"hutchpp"``,
   ``hessian.density(obj, 3, 30)`` (SLQ; on the first ``--density-repeats`` seeds only, default 1), and
   all three together, ``hessian.spectrum(obj, 3, 30, k=1, rtol=0.01, max_hvp=--trace-max-hvp)`` (top-1
@@ -53,7 +54,8 @@ What is run and timed, per model (every timed call on the same prepared operator
 
 Goals (printed PASS/MISS, computed from what was just measured): G1 top-1 certified to 1e-3 in a
 median <= 6 HVPs; G2 top-5 each certified to 1e-3 in a median <= 16 HVPs, and <= 1/3 of PyHessian's
-HVPs on ResNet-18; G4 trace 95 % CI half-width <= 2 % within 100 HVPs (every repeat), coverage >= 93 %
+HVPs on ResNet-18 (a second line, the measured route, takes the ``stop="gap"`` run when its errors against
+the reference are <= 1e-3: the issue asks "each to 1e-3", certified only for the top-1); G4 trace 95 % CI half-width <= 2 % within 100 HVPs (every repeat), coverage >= 93 %
 over the seeds; G6 cost per HVP <= 1.5x a gradient (best kernel/probing mode); G7 wall-clock of
 top-1 + trace +-1 % + density (``spectrum()``; the measures run apart are printed beside it) >= 3x
 less than PyHessian's eigenvalues(top_n=1) + trace to the same CI half-width + density attempt. PyHessian's trace() stops when its running mean moves < 1e-3,
@@ -334,13 +336,14 @@ def bench_model(arch: str, n: int, args, counter: PyHessianCounter) -> dict:
           + ", ".join(f"{k} {v:.2f}x" for k, v in kc.items() if k != "gradient_s"), flush=True)
 
     # flatlens and PyHessian, interleaved per repeat
-    fl_runs: dict = {"top1": [], "top1_random": [], "top5": [], "trace": [], "trace_hutchpp": [], "density": [],
-                     "joint": []}
+    fl_runs: dict = {"top1": [], "top1_random": [], "top5": [], "top5_gap": [], "trace": [], "trace_hutchpp": [],
+                     "density": [], "joint": []}
     py = {"top1": [], "top5": [], "trace": [], "setup_s": []}
     for r, seed in enumerate(seeds):
         fl_runs["top1"].append(H.eigenvalues(obj, k=1, tol=1e-3, seed=seed))
         fl_runs["top1_random"].append(H.eigenvalues(obj, k=1, tol=1e-3, seed=seed, start="random"))
         fl_runs["top5"].append(H.eigenvalues(obj, k=5, tol=1e-3, seed=seed))
+        fl_runs["top5_gap"].append(H.eigenvalues(obj, k=5, tol=1e-3, seed=seed, stop="gap"))
         fl_runs["trace"].append(H.trace(obj, rtol=0.01, max_hvp=args.trace_max_hvp, seed=seed, layers="none"))
         fl_runs["trace_hutchpp"].append(H.trace(obj, "hutchpp", rtol=0.01, max_hvp=args.trace_max_hvp, seed=seed,
                                                 layers="none"))
@@ -417,6 +420,12 @@ def goal(name: str, ok: bool, detail: str, goals: list) -> None:
     goals.append((name, ok, detail))
 
 
+def print_goals(goals: list) -> None:
+    """One PASS/MISS line per (name, ok, detail)."""
+    for name, ok, detail in goals:
+        print(f"  {'PASS' if ok else 'MISS'}  {name}: {detail}", flush=True)
+
+
 def report_model(res: dict, args, goals: list) -> None:
     arch, n = res["arch"], res["n"]
     lam = res["ref"]["values"]
@@ -453,6 +462,11 @@ def report_model(res: dict, args, goals: list) -> None:
         f"{med(p5_err):.1e} (max {max(p5_err):.1e})", "uncertified; max over the 5")
     row("top-5  flatlens eigenvalues(k=5)", [e.n_hvp for e in f5], [e.seconds for e in f5],
         f"{med(f5_err):.1e} (max {max(f5_err):.1e})", f"certified <= {max(f5_cert):.1e}")
+    f5g = fl_r["top5_gap"]
+    f5g_err = [max(rel(v, l) for v, l in zip(e.values.tolist(), lam[:5])) for e in f5g]
+    row("top-5  flatlens eigenvalues(k=5, stop='gap')", [e.n_hvp for e in f5g], [e.seconds for e in f5g],
+        f"{med(f5g_err):.1e} (max {max(f5g_err):.1e})",
+        f"estimated <= {max(float(e.gap_rel_error_estimate.max()) for e in f5g):.1e} (r^2/gap, uncertified)")
     # trace
     ft = fl_r["trace"]
     pt = py["trace"]
@@ -580,6 +594,11 @@ def report_model(res: dict, args, goals: list) -> None:
         ok2 = ok2 and hv_ratio5 >= 3.0
         detail2 += " (needs >= 3x on ResNet-18)"
     goal(f"G2 top-5 certified 1e-3, median <= 16 HVPs [{tag}]", ok2, detail2, goals)
+    hv5g = med([e.n_hvp for e in f5g])
+    ok2g = hv5g <= 16 and max(f5g_err) <= 1e-3 and (arch != "resnet18" or med([p["n_hvp"] for p in p5]) / hv5g >= 3)
+    goal(f"G2 (measured route) top-5 each to 1e-3 by the r^2/gap rule, median <= 16 HVPs [{tag}]", ok2g,
+         f"median {hv5g:g} HVPs, error vs reference {max(f5g_err):.1e} (uncertified estimate); PyHessian/flatlens "
+         f"HVPs {med([p['n_hvp'] for p in p5]) / hv5g:.2f}x", goals)
     goal(f"G4 trace 95% CI <= 2% within 100 HVPs, every repeat [{tag}]",
          all(t.rel_half_width <= 0.02 and t.n_hvp <= 100 for t in ft),
          f"{ft[0].method}: half-widths {', '.join(f'{100 * t.rel_half_width:.2f}%' for t in ft)} at "
@@ -737,13 +756,11 @@ def main(argv: list[str] | None = None) -> int:
             res = bench_model(arch, n, args, counter)
             first = len(goals)
             report_model(res, args, goals)
-            for name, ok, detail in goals[first:]:  # also here, so a run cut short keeps them
-                print(f"  {'PASS' if ok else 'MISS'}  {name}: {detail}", flush=True)
+            print_goals(goals[first:])  # also here, so a run cut short keeps them
             results.append(res)
     dense_study(args, goals)
     print("\n## goals")
-    for name, ok, detail in goals:
-        print(f"  {'PASS' if ok else 'MISS'}  {name}: {detail}")
+    print_goals(goals)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -94,6 +94,26 @@ def test_eigenvalues_and_trace_match_dense_hessian(case):
     assert obj.space.numel == sum(lt.numel)
 
 
+def test_gap_stop_reports_the_estimate_it_stopped_on():
+    """stop="gap" stops on the r^2/gap estimate; the result carries that estimate (and still the certificate),
+    the summary shows both, and the values are within tol of the dense eigenvalues."""
+    obj = CASES["bn_cnn"]()
+    ev = torch.linalg.eigvalsh(dense_hessian(obj))
+    res = fl.hessian.eigenvalues(obj, k=3, k_bottom=1, tol=1e-3, seed=4)
+    gap = fl.hessian.eigenvalues(obj, k=3, k_bottom=1, tol=1e-3, seed=4, stop="gap")
+    assert gap.all_converged and gap.stop == "gap" and gap.n_hvp <= res.n_hvp
+    assert gap.gap_rel_error_estimate.shape == (3,) and gap.bottom_gap_error_estimate.shape == (1,)
+    assert torch.all(gap.gap_rel_error_estimate <= 1e-3 * (1 + 1e-12))
+    assert torch.all(gap.gap_rel_error_estimate <= gap.rel_error_bound)  # never looser than the certificate
+    assert torch.all(gap.bottom_gap_error_estimate <= gap.bottom_residuals)
+    assert torch.all((gap.values - ev.flip(0)[:3]).abs() / ev.flip(0)[:3] <= 1e-3)
+    rows = dict(gap.summary())
+    assert "estimated (r^2/gap)" in rows["lambda_1"] and "certified" in rows["lambda_1"]
+    assert "estimated" in rows["lambda_min"]
+    assert "estimated" not in dict(res.summary())["lambda_1"]  # the residual rule prints its certificate only
+    assert torch.all(res.gap_rel_error_estimate <= res.rel_error_bound)
+
+
 def assert_layer_traces_near_dense(lt, H: torch.Tensor) -> None:
     """Every block's trace estimate within 3.5 of its standard errors of the dense block trace."""
     diag = torch.diagonal(H)

@@ -26,7 +26,8 @@ ISSUE_DATASETS = {"eigenvalues", "eigenvalue_residuals", "trace", "trace_samples
 ISSUE_ATTRS = {"split", "n_samples", "space", "seed", "eigenvalue_tol", "trace_rtol", "n_hvp", "seconds"}
 ALL_DATASETS = {
     "eigenvalues", "eigenvalue_residuals", "eigenvalue_rel_error_bound", "eigenvalue_converged", "ritz_values",
-    "bottom_eigenvalues", "bottom_eigenvalue_residuals", "bottom_eigenvalue_converged",
+    "eigenvalue_gap_rel_error_estimate", "bottom_eigenvalues", "bottom_eigenvalue_residuals",
+    "bottom_eigenvalue_converged", "bottom_eigenvalue_gap_error_estimate",
     "trace", "trace_samples", "trace_stderr", "trace_ci", "layer_names", "layer_traces", "layer_trace_stderr",
     "layer_trace_ci", "layer_trace_exact", "layer_trace_samples", "layer_trace_converged", "layer_numel", "density",
 }

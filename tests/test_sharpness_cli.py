@@ -91,13 +91,18 @@ def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run
     assert r["attrs"]["eigenvalue_seconds"] == before["attrs"]["eigenvalue_seconds"]
     assert store.read(p, "landscape/keep")["loss"].tolist() == [0.0, 1.0, 2.0]
     # another split is other provenance: the whole group is replaced (the landscape group is not touched)
+    capsys.readouterr()
     rc = main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", "--split", "env0_out", *FAST,
-               "--out", str(p)])
+               "--eig-stop", "gap", "--out", str(p)])
     assert rc == 0
     r = fl.hessian.read(p)
     assert r["attrs"]["split"] == "env0_out" and "trace" not in r and "density" not in r
     assert r["attrs"]["measures"] == ["hessian"] and "landscape" in h5py.File(p, "r")
-    capsys.readouterr()
+    # --eig-stop gap: the estimate it stopped on is stored and printed beside the certificate
+    assert r["attrs"]["eigenvalue_stop"] == "gap" and r["eigenvalue_gap_rel_error_estimate"].shape == (1,)
+    assert r["eigenvalue_gap_rel_error_estimate"][0] <= 1e-3 * (1 + 1e-12)
+    summary = capsys.readouterr().out.split("\nsummary", 1)[1]
+    assert "estimated (r^2/gap)" in summary and "certified" in summary
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -321,7 +321,9 @@ class LanczosResult:
     * ``gap_rel_error_bound`` uses the sharper ``|lambda - theta| <= r^2 / gap`` (valid when no other
       eigenvalue lies within ``gap`` of ``theta``), with ``gap`` *estimated* from the other Ritz values
       (``min_j |theta_j - theta| - r_j``); it is an estimate, not a certificate, and falls back to the
-      residual bound when the gap estimate is not larger than ``r``.
+      residual bound when the gap estimate is not larger than ``r``. ``gap_error_estimate`` holds the
+      same estimate as an absolute error ``min(r, r^2 / gap)`` (what ``stop="gap"`` compares with
+      ``tol |theta| / (1 + tol)``).
     * By Cauchy interlacing the i-th largest Ritz value never exceeds the i-th largest eigenvalue (and
       symmetrically at the bottom), so ``values`` are rigorous one-sided bounds in any case. Single-
       vector Lanczos cannot see multiplicities, and an eigenvalue whose eigenvector is (nearly)
@@ -342,6 +344,7 @@ class LanczosResult:
     tol: float
     restarts: int = 0
     ritz_values: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
+    gap_error_estimate: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
     vectors: Tensor | None = None
     method: str = "lanczos"
 
@@ -655,6 +658,7 @@ def lanczos_eigenvalues(
         tol=tol,
         restarts=restarts,
         ritz_values=torch.as_tensor(theta, dtype=f64),
+        gap_error_estimate=torch.as_tensor(gap_abs, dtype=f64),
         vectors=vectors,
     )
 
