@@ -589,14 +589,19 @@ def select_kernel(
     """Time each candidate kernel on ONE batch and return the fastest that works and agrees.
 
     Each kernel computes ``H v`` for the same probe (``block`` probes when ``block > 1``; drawn from a
-    CPU generator seeded with ``seed``, so the global RNG is untouched); a warm-up call is followed by
-    ``repeats`` timed calls and the median time per probe is kept. A kernel whose first timed call
-    already takes ``prune`` times the best median so far is not timed again (it cannot win; on CPU,
-    where ``graph_reuse`` usually wins by 1.4x or more, this saves 4 of the 12 HVP timings). With 2
-    timed calls instead of 3 the choice flipped to a 1.5x slower kernel in one of two benchmark runs on
-    a noisy VM, so the winner keeps 3. A kernel that raises (e.g. no forward-mode AD formula) or whose
-    result differs from the first working kernel's by more than ``agree_rtol`` (relative, default
-    ``sqrt(eps) / 10`` of the dtype) is excluded, with the reason in ``errors``.
+    CPU generator seeded with ``seed``, so the global RNG is untouched). Every kernel first makes a
+    warm-up call, which also checks that it works and agrees; then ``repeats`` rounds time each kernel
+    once, in turn, together with one gradient, and the median time per probe is kept. The rounds are
+    interleaved so that a change of machine load (another job, a noisy VM) weighs on every kernel
+    alike: timed one kernel after the other, a load burst during ``graph_reuse``'s calls once made a 2x
+    slower kernel win on ResNet-18. A kernel whose first-round time is already ``prune`` times the
+    fastest first-round time is not timed again (it cannot win; on CPU, where ``graph_reuse`` usually
+    wins by 1.4x or more, this saves timings). With 2 rounds instead of 3 the choice flipped to a 1.5x
+    slower kernel in one of two benchmark runs on a noisy VM, so the default keeps 3. A kernel that
+    raises (e.g. no forward-mode AD formula) or whose result differs from the first working kernel's by
+    more than ``agree_rtol`` (relative, default ``sqrt(eps) / 10`` of the dtype) is excluded, with the
+    reason in ``errors``. All engines live until the end of the timing (``graph_reuse`` keeps its
+    retained graph of the one batch meanwhile).
     """
     bad = [c for c in candidates if c not in KERNELS]
     if bad or not candidates:
@@ -613,60 +618,68 @@ def select_kernel(
     V = torch.randn((n, block), generator=g, dtype=torch.float64).to(dtype=dtype).to(device)
     sel = KernelSelection(kernel="", repeats=repeats, block=block)
 
-    # gradient reference time
-    probe = HessianVectorProduct(loss_fn, params, [batch], kernel="double_backward")
-    gt = []
-    for r in range(repeats + 1):
+    def timed(call: Callable[[], Any]) -> tuple[float, Any]:
         _sync(device)
         t0 = time.perf_counter()
-        probe.loss_and_grad()
+        out = call()
         _sync(device)
-        if r:
-            gt.append(time.perf_counter() - t0)
-    sel.gradient_seconds = statistics.median(gt)
+        return time.perf_counter() - t0, out
 
-    ref: Tensor | None = None
-    for name in candidates:
-        eng = HessianVectorProduct(loss_fn, params, [batch], kernel=name, batched=batched)
-        try:
-            if name == "graph_reuse":
-                _sync(device)
-                t0 = time.perf_counter()
-                eng.prepare()
-                _sync(device)
-                sel.setup_seconds = time.perf_counter() - t0
-            times = []
-            out = None
-            best = min(sel.seconds.values(), default=math.inf)
-            for r in range(repeats + 1):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = eng.hvp(V[:, 0]) if block == 1 else eng.hvp_batched(V)
-                _sync(device)
-                if r:
-                    times.append((time.perf_counter() - t0) / block)
-                    if r == 1 and times[0] >= prune * best:
-                        sel.pruned.append(name)
-                        break
-            assert out is not None
-            out = out.reshape(n, -1)
-        except Exception as exc:  # noqa: BLE001 - any failure just excludes the kernel
-            sel.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            continue
-        finally:
-            eng.release()
-        if ref is None:
-            ref = out
-            sel.max_rel_diff[name] = 0.0
-        else:
-            scale = float(ref.abs().max()) or 1.0
-            diff = float((out - ref).abs().max()) / scale
-            sel.max_rel_diff[name] = diff
-            if not diff <= agree_rtol:
-                sel.errors[name] = f"disagrees with {next(iter(sel.seconds))} (max rel diff {diff:.2e})"
+    def apply(eng: HessianVectorProduct) -> Tensor:
+        return eng.hvp(V[:, 0]) if block == 1 else eng.hvp_batched(V)
+
+    def fail(name: str, exc: Exception) -> None:
+        sel.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    probe = HessianVectorProduct(loss_fn, params, [batch], kernel="double_backward")
+    engines: dict[str, HessianVectorProduct] = {}
+    try:
+        probe.loss_and_grad()  # warm-up of the gradient reference
+        ref: Tensor | None = None
+        for name in candidates:  # warm-up, failure and agreement checks, in order
+            eng = HessianVectorProduct(loss_fn, params, [batch], kernel=name, batched=batched)
+            try:
+                if name == "graph_reuse":
+                    sel.setup_seconds, _ = timed(eng.prepare)
+                out = apply(eng).reshape(n, -1)
+            except Exception as exc:  # noqa: BLE001 - any failure just excludes the kernel
+                fail(name, exc)
+                eng.release()
                 continue
-        sel.seconds[name] = statistics.median(times)
-        sel.ratio[name] = sel.seconds[name] / sel.gradient_seconds if sel.gradient_seconds > 0 else math.nan
+            if ref is None:
+                ref = out
+                sel.max_rel_diff[name] = 0.0
+            else:
+                scale = float(ref.abs().max()) or 1.0
+                diff = float((out - ref).abs().max()) / scale
+                sel.max_rel_diff[name] = diff
+                if not diff <= agree_rtol:
+                    sel.errors[name] = f"disagrees with {next(iter(engines))} (max rel diff {diff:.2e})"
+                    eng.release()
+                    continue
+            engines[name] = eng
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        gt = []
+        for r in range(repeats):  # interleaved rounds: the gradient, then each kernel still in the race
+            gt.append(timed(probe.loss_and_grad)[0])
+            for name in [k for k in engines if k not in sel.pruned and k not in sel.errors]:
+                try:
+                    times[name].append(timed(lambda e=engines[name]: apply(e))[0] / block)
+                except Exception as exc:  # noqa: BLE001
+                    fail(name, exc)
+            if r == 0:
+                first = {k: t[0] for k, t in times.items() if t and k not in sel.errors}
+                fastest = min(first, key=first.__getitem__, default=None)
+                sel.pruned.extend(k for k, t in first.items() if k != fastest and t >= prune * first[fastest])
+    finally:
+        probe.release()
+        for eng in engines.values():
+            eng.release()
+    sel.gradient_seconds = statistics.median(gt)
+    for name, ts in times.items():
+        if ts and name not in sel.errors:
+            sel.seconds[name] = statistics.median(ts)
+            sel.ratio[name] = sel.seconds[name] / sel.gradient_seconds if sel.gradient_seconds > 0 else math.nan
     if not sel.seconds:
         detail = "; ".join(f"{k}: {v}" for k, v in sel.errors.items())
         raise ValueError(f"no HVP kernel works for this model ({detail}); fix the model or its ops.")
