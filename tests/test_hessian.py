@@ -329,6 +329,11 @@ def test_bad_arguments_are_one_line_flatlens_errors():
         fl.hessian.trace("model")
     with pytest.raises(FlatlensError, match="layers='channel'"):
         fl.hessian.trace(obj, layers="channel")
+    for bad in (0, -3, 2.5, "10"):  # not a basis size: named, not "pick a smaller sketch_size" or a TypeError
+        with pytest.raises(FlatlensError, match="sketch_size=.* is not an int >= 1"):
+            fl.hessian.trace(obj, sketch_size=bad)
+        with pytest.raises(FlatlensError, match="sketch_size=.* is not an int >= 1"):
+            fl.hessian.trace(obj, "hutchpp", sketch_size=bad)
 
 
 def test_lazy_api_exports():

@@ -967,6 +967,9 @@ def trace(obj: Any, method: str = "krylov", *, rtol: float | None = 0.01, max_hv
         rtol, layer_rtol, level, min_samples, block_size = _check_trace_args(rtol, layer_rtol, level, min_samples,
                                                                              block_size)
         max_hvp = L._check_int("max_hvp", max_hvp, 2, "pass the most HVPs the estimate may use")
+        if sketch_size is not None and method in ("krylov", "hutchpp"):
+            sketch_size = L._check_int("sketch_size", sketch_size, 1,
+                                       "pass the basis size, None for max_hvp // 3, or method='hutchinson' for none")
         t0 = time.perf_counter()
         if method == "xtrace":
             if layer_rtol is not None:
