@@ -329,6 +329,10 @@ def test_bad_arguments_are_one_line_flatlens_errors():
         fl.hessian.trace("model")
     with pytest.raises(FlatlensError, match="layers='channel'"):
         fl.hessian.trace(obj, layers="channel")
+    with pytest.raises(FlatlensError, match="layer_floor=-1 must be >= 0"):
+        fl.hessian.trace(obj, layer_rtol=0.1, layer_floor=-1)
+    with pytest.raises(FlatlensError, match="layer_floor='a' is not a number"):
+        fl.hessian.spectrum(obj, 2, 4, layer_floor="a")
     for bad in (0, -3, 2.5, "10"):  # not a basis size: named, not "pick a smaller sketch_size" or a TypeError
         with pytest.raises(FlatlensError, match="sketch_size=.* is not an int >= 1"):
             fl.hessian.trace(obj, sketch_size=bad)

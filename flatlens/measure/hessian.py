@@ -964,8 +964,8 @@ def trace(obj: Any, method: str = "krylov", *, rtol: float | None = 0.01, max_hv
     gen = seeded_generator(seed, "trace", 0)
     bl = None
     with src.guard(), _user_errors():
-        rtol, layer_rtol, level, min_samples, block_size = _check_trace_args(rtol, layer_rtol, level, min_samples,
-                                                                             block_size)
+        rtol, layer_rtol, level, min_samples, block_size, layer_floor = _check_trace_args(
+            rtol, layer_rtol, level, min_samples, block_size, layer_floor)
         max_hvp = L._check_int("max_hvp", max_hvp, 2, "pass the most HVPs the estimate may use")
         if sketch_size is not None and method in ("krylov", "hutchpp"):
             sketch_size = L._check_int("sketch_size", sketch_size, 1,
@@ -1020,14 +1020,16 @@ def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequenc
     return res
 
 
-def _check_trace_args(rtol: Any, layer_rtol: Any, level: Any, min_samples: Any,
-                      block_size: Any) -> tuple[float | None, float | None, float, int, int]:
+def _check_trace_args(rtol: Any, layer_rtol: Any, level: Any, min_samples: Any, block_size: Any,
+                      layer_floor: Any) -> tuple[float | None, float | None, float, int, int, float]:
     """The stopping-rule arguments of :func:`trace` and :func:`spectrum`, checked."""
     rtol = L._check_rtol(rtol)
     if layer_rtol is not None:
         layer_rtol = L._check_rtol(layer_rtol)
+    layer_floor = L._check_pos("layer_floor", layer_floor, "pass a fraction of the absolute trace such as 0.01",
+                               allow_zero=True)
     return (rtol, layer_rtol, L._check_level(level), L._check_int("min_samples", min_samples, 2, "pass at least 2"),
-            L._check_int("block_size", block_size, 1, "pass how many probes per HVP pass"))
+            L._check_int("block_size", block_size, 1, "pass how many probes per HVP pass"), layer_floor)
 
 
 def _trace_estimate(raw: dict[str, Any], src: _Source, blocks: _Blocks | None, n_hvp: int, seconds: float, seed: int,
@@ -1165,8 +1167,8 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
     op = _Counted(src.op, progress)
     with src.guard(), _user_errors():
         max_hvp = L._check_int("max_hvp", max_hvp, 1, "pass the most residual probes the trace may use")
-        rtol, layer_rtol, level, min_samples, block_size = _check_trace_args(rtol, layer_rtol, level, min_samples,
-                                                                             block_size)
+        rtol, layer_rtol, level, min_samples, block_size, layer_floor = _check_trace_args(
+            rtol, layer_rtol, level, min_samples, block_size, layer_floor)
         if eigen:  # before the SLQ, so a bad value fails at once, not after the density's HVPs
             L.check_eigen_args(op.n, k, k_bottom, tol=tol, max_iter=eig_max_iter, stop=stop,
                                bottom_norm_tol=bottom_norm_tol)
