@@ -618,12 +618,12 @@ def select_kernel(
     V = torch.randn((n, block), generator=g, dtype=torch.float64).to(dtype=dtype).to(device)
     sel = KernelSelection(kernel="", repeats=repeats, block=block)
 
-    def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    def timed(call: Callable[[], Any]) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        out = call()
+        call()
         _sync(device)
-        return time.perf_counter() - t0, out
+        return time.perf_counter() - t0
 
     def apply(eng: HessianVectorProduct) -> Tensor:
         return eng.hvp(V[:, 0]) if block == 1 else eng.hvp_batched(V)
@@ -640,7 +640,7 @@ def select_kernel(
             eng = HessianVectorProduct(loss_fn, params, [batch], kernel=name, batched=batched)
             try:
                 if name == "graph_reuse":
-                    sel.setup_seconds, _ = timed(eng.prepare)
+                    sel.setup_seconds = timed(eng.prepare)
                 out = apply(eng).reshape(n, -1)
             except Exception as exc:  # noqa: BLE001 - any failure just excludes the kernel
                 fail(name, exc)
@@ -661,14 +661,14 @@ def select_kernel(
         times: dict[str, list[float]] = {name: [] for name in engines}
         gt = []
         for r in range(repeats):  # interleaved rounds: the gradient, then each kernel still in the race
-            gt.append(timed(probe.loss_and_grad)[0])
+            gt.append(timed(probe.loss_and_grad))
             for name in [k for k in engines if k not in sel.pruned and k not in sel.errors]:
                 try:
-                    times[name].append(timed(lambda e=engines[name]: apply(e))[0] / block)
+                    times[name].append(timed(lambda e=engines[name]: apply(e)) / block)
                 except Exception as exc:  # noqa: BLE001
                     fail(name, exc)
             if r == 0:
-                first = {k: t[0] for k, t in times.items() if t and k not in sel.errors}
+                first = {k: t[0] for k, t in times.items() if t}  # a kernel that failed has no time
                 fastest = min(first, key=first.__getitem__, default=None)
                 sel.pruned.extend(k for k, t in first.items() if k != fastest and t >= prune * first[fastest])
     finally:
