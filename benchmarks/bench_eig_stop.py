@@ -123,19 +123,8 @@ def run_config(arch: str, n: int, size: int, args, counter: B.PyHessianCounter, 
               f"{f'{B.med(err):.1e} (max {max(err):.1e})':28s} {note}")
     tag = f"{arch}/{n}" + (f" at {size}x{size}" if arch == "mnist_cnn" and size != 16 else "")
     py_hv = B.med([p["n_hvp"] for p in py]) if py else float("nan")
-    for stop, route in (("residual", "certified"), ("gap", "measured: r^2/gap rule, error vs reference")):
-        rs, err = runs[(5, stop)]
-        hv = B.med([e.n_hvp for e in rs])
-        ok = hv <= 16 and max(err) <= 1e-3
-        if stop == "residual":
-            ok = ok and max(float(e.rel_error_bound.max()) for e in rs) <= 1e-3 + 1e-12
-        detail = f"median {hv:g} HVPs, max error vs reference {max(err):.1e}"
-        if py:
-            detail += f"; PyHessian/flatlens HVPs {py_hv / hv:.2f}x"
-            if arch == "resnet18":
-                ok = ok and py_hv / hv >= 3.0
-                detail += " (needs >= 3x on ResNet-18)"
-        goals.append((f"G2 top-5 each to 1e-3, median <= 16 HVPs, {route} [{tag}]", ok, detail))
+    for stop, route in (("residual", "certified"), ("gap", "measured")):
+        B.g2_goal(route, *runs[(5, stop)], py_hv, arch, tag, goals)
     obj.release()
 
 

@@ -420,6 +420,30 @@ def goal(name: str, ok: bool, detail: str, goals: list) -> None:
     goals.append((name, ok, detail))
 
 
+def g2_goal(route: str, runs: list, errs: list[float], py_hv: float, arch: str, tag: str, goals: list) -> None:
+    """G2 (top-5 each to 1e-3 in a median <= 16 HVPs; >= 3x fewer than PyHessian on ResNet-18) by one route.
+
+    ``certified``: the residual rule's runs, whose bounds must also certify 1e-3; ``measured``: the
+    ``r^2/gap`` rule's runs, judged by their errors ``errs`` against the reference alone. ``py_hv``:
+    PyHessian's median top-5 HVPs (NaN when it was not run: no ratio, no ResNet-18 condition).
+    """
+    hv = med([e.n_hvp for e in runs])
+    ok = hv <= 16 and max(errs) <= 1e-3
+    detail = f"median {hv:g} HVPs, error vs reference {max(errs):.1e}"
+    if route == "certified":
+        cert = max(float(e.rel_error_bound.max()) for e in runs)
+        ok = ok and cert <= 1e-3 + 1e-12
+        detail += f", certified <= {cert:.1e}"
+    else:
+        detail += " (r^2/gap rule, uncertified)"
+    if not math.isnan(py_hv):
+        detail += f"; PyHessian/flatlens HVPs {py_hv / hv:.2f}x"
+        if arch == "resnet18":
+            ok = ok and py_hv / hv >= 3.0
+            detail += " (needs >= 3x on ResNet-18)"
+    goal(f"G2 top-5 each to 1e-3, median <= 16 HVPs, {route} route [{tag}]", ok, detail, goals)
+
+
 def print_goals(goals: list) -> None:
     """One PASS/MISS line per (name, ok, detail)."""
     for name, ok, detail in goals:
@@ -587,18 +611,9 @@ def report_model(res: dict, args, goals: list) -> None:
          f"median {med(cost1):g} HVPs (+ gradients: {sum(e.n_grad for e in f1)}), {f1[0].start} start, certified <= "
          f"{max(f1_cert):.1e}, error vs ref {max(f1_err):.1e}; random start: median "
          f"{med([e.n_hvp for e in fl_r['top1_random']]):g}", goals)
-    ok2 = med([e.n_hvp for e in f5]) <= 16 and max(f5_cert) <= 1e-3 + 1e-12 and max(f5_err) <= 1e-3
-    detail2 = (f"median {med([e.n_hvp for e in f5]):g} HVPs, certified <= {max(f5_cert):.1e}, "
-               f"error vs ref {max(f5_err):.1e}; PyHessian/flatlens HVPs {hv_ratio5:.2f}x")
-    if arch == "resnet18":
-        ok2 = ok2 and hv_ratio5 >= 3.0
-        detail2 += " (needs >= 3x on ResNet-18)"
-    goal(f"G2 top-5 certified 1e-3, median <= 16 HVPs [{tag}]", ok2, detail2, goals)
-    hv5g = med([e.n_hvp for e in f5g])
-    ok2g = hv5g <= 16 and max(f5g_err) <= 1e-3 and (arch != "resnet18" or med([p["n_hvp"] for p in p5]) / hv5g >= 3)
-    goal(f"G2 (measured route) top-5 each to 1e-3 by the r^2/gap rule, median <= 16 HVPs [{tag}]", ok2g,
-         f"median {hv5g:g} HVPs, error vs reference {max(f5g_err):.1e} (uncertified estimate); PyHessian/flatlens "
-         f"HVPs {med([p['n_hvp'] for p in p5]) / hv5g:.2f}x", goals)
+    py5 = med([p["n_hvp"] for p in p5])
+    g2_goal("certified", f5, f5_err, py5, arch, tag, goals)
+    g2_goal("measured", f5g, f5g_err, py5, arch, tag, goals)
     goal(f"G4 trace 95% CI <= 2% within 100 HVPs, every repeat [{tag}]",
          all(t.rel_half_width <= 0.02 and t.n_hvp <= 100 for t in ft),
          f"{ft[0].method}: half-widths {', '.join(f'{100 * t.rel_half_width:.2f}%' for t in ft)} at "
