@@ -71,3 +71,23 @@ def test_show_and_help_config():
     assert show.returncode == 0 and "bits = 4" in show.stdout and "[quant]" in show.stdout
     helped = flatlens_cmd("train", "--help-config")
     assert helped.returncode == 0 and "quant.q_step" in helped.stdout and "train.selection" in helped.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "collect", "info", "export", "ensemble", "sharpness", "landscape", "plot"])
+def test_help_names_each_default_once_and_never_none(command):
+    """Every option's help states its default at most once, and never as "(default: None)" or a switch's
+    "(default: True)" (argparse's ArgumentDefaultsHelpFormatter printed all three)."""
+    from flatlens.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if not action.option_strings or not action.help:
+            continue
+        text = sub._get_formatter()._expand_help(action)
+        for bad in ("(default: None)", "(default: True)", "(default: False)"):
+            assert bad not in text, (action.dest, text)
+        if "default" in action.help.lower():  # the help already says it: nothing appended
+            assert text == action.help % {**vars(action), "prog": sub.prog}, (action.dest, text)
+        else:
+            assert text.count("(default:") <= 1, (action.dest, text)

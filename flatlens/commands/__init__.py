@@ -1,1 +1,25 @@
-"""One module per ``flatlens`` subcommand; each defines ``add_parser(subparsers)``."""
+"""One module per ``flatlens`` subcommand; each defines ``add_parser(subparsers)``. Their parsers share
+:class:`HelpFormatter`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help only where it tells the reader something.
+
+    argparse's own formatter appends it to every option, so the help read "(default: all) (default:
+    None)" where the text already named the default, "(default: None)" for an option whose absence
+    means "computed" and "(default: True)" for a ``--no-...`` switch. Here an option gets the suffix
+    only when its default is a value (not None, not a flag's True/False) and its help does not
+    already say "default".
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
+            return text
+        if "default" in text.lower() or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)

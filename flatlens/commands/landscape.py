@@ -15,6 +15,8 @@ import argparse
 import re
 from pathlib import Path
 
+from flatlens.commands import HelpFormatter
+
 _NEGATIVE_RANGE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.eE+-]*:")
 
 
@@ -24,7 +26,7 @@ HELP = "1D/2D loss surfaces (random, interpolation, plane, PCA) -> HDF5"
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("landscape", help=HELP,
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     # let "--range -1:1:51" through as a value (argparse would take it for an option)
     p._negative_number_matcher = _NEGATIVE_RANGE
     p.add_argument("checkpoint", help="a checkpoint written by flatlens train (e.g. runs/erm/model.pt): the origin")

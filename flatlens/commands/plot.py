@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flatlens.commands import HelpFormatter
+
 
 HELP = "landscape figures (PNG/PDF) and exports from an analysis file"
 """One line for ``flatlens --help`` (read without building this command's parser)."""
@@ -19,7 +21,7 @@ HELP = "landscape figures (PNG/PDF) and exports from an analysis file"
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help=HELP,
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     p.add_argument("file", help="analysis file written by flatlens landscape / sharpness")
     p.add_argument("--out", default=None, help="directory for the figures (default: FILE_figures next to FILE)")
     p.add_argument("--format", default="png,pdf", help="comma-separated: png, pdf, svg")

@@ -12,6 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
+from flatlens.commands import HelpFormatter
+
 
 HELP = "Hessian spectrum/trace, sharpness, landscapes of a checkpoint -> HDF5"
 """One line for ``flatlens --help`` (read without building this command's parser)."""
@@ -23,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     measures = builtin_measures()
     p = sub.add_parser("sharpness", help=HELP,
                        description="Measure the loss surface around a checkpoint. Measures: " + ", ".join(measures),
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint written by flatlens train (e.g. runs/erm/model.pt)")
     p.add_argument("--measures", default=",".join(list(measures)[:3]),
                    help="comma-separated measures to run: " + ", ".join(measures))

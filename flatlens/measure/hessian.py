@@ -1374,8 +1374,8 @@ def _register() -> None:
 
     register(Measure("hessian", "top-k / bottom-k Hessian eigenvalues (Lanczos, certified)", _add_hessian_args,
                      est_hessian, run_hessian))
-    register(Measure("trace", "Hessian trace with a 95% CI (Hutch++), per-layer traces, QGen noise terms",
-                     _add_trace_args, est_trace, run_trace))
+    register(Measure("trace", "Hessian trace with a 95% CI (krylov, Hutch++, XTrace, Hutchinson) or exact "
+                     "(gauss-newton), per-layer traces, QGen noise terms", _add_trace_args, est_trace, run_trace))
     register(Measure("density", "spectral density (stochastic Lanczos quadrature)", _add_density_args,
                      est_density, run_density))
 
