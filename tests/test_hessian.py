@@ -333,6 +333,13 @@ def test_bad_arguments_are_one_line_flatlens_errors():
         fl.hessian.trace(obj, layer_rtol=0.1, layer_floor=-1)
     with pytest.raises(FlatlensError, match="layer_floor='a' is not a number"):
         fl.hessian.spectrum(obj, 2, 4, layer_floor="a")
+    with pytest.raises(FlatlensError, match="layer_rtol=-0.5 must be > 0"):  # named as itself, not as 'rtol'
+        fl.hessian.trace(obj, layer_rtol=-0.5)
+    n_hvp = obj.n_hvp
+    for call in (lambda: fl.hessian.density(obj, 2, 5, grid=1), lambda: fl.hessian.spectrum(obj, 2, 5, grid=1)):
+        with pytest.raises(FlatlensError, match="grid=1 is not an int >= 2"):
+            call()
+    assert obj.n_hvp == n_hvp  # a bad grid fails before the Lanczos runs (it used to fail after all their HVPs)
     for bad in (0, -3, 2.5, "10"):  # not a basis size: named, not "pick a smaller sketch_size" or a TypeError
         with pytest.raises(FlatlensError, match="sketch_size=.* is not an int >= 1"):
             fl.hessian.trace(obj, sketch_size=bad)

@@ -159,3 +159,34 @@ def test_reachable_as_a_measure_of_flatlens_sharpness(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     with h5py.File(out, "r") as f:
         assert f["landscape/random_1d/loss"].shape == (5,) and f["landscape/random_1d/done"][()].all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--landscape-range=1:0:5"], "--landscape-range '1:0:5': MAX must be greater than MIN"),
+    (["--landscape-dim", "2", "--landscape-y-range=x"],
+     "--landscape-y-range 'x' is not MIN:MAX:NUM (e.g. -1:1:51; write --landscape-y-range=-1:1:51"),
+    (["--landscape-y-range=-1:1:3"], "--landscape-y-range needs --landscape-dim 2"),
+    (["--landscape-range=auto"], "--landscape-range auto is for --landscape-pca surfaces"),
+    (["--landscape-pca", "RUN", "--landscape-range=auto:0"], "write auto or auto:NUM with NUM >= 1"),
+    (["--landscape-repeat", "-1"], "--landscape-repeat must be an int >= 0, got -1"),
+    (["--landscape-block", "-2"], "--landscape-block must be an int >= 0, got -2"),
+    (["--landscape-to", "a.pt", "--landscape-pca", "RUN"], "give at most one of --landscape-to, --landscape-plane"),
+    (["--landscape-orthogonalize"], "--landscape-orthogonalize needs two directions (--landscape-dim 2 or"),
+])
+def test_sharpness_landscape_options_fail_early_in_their_own_names(tmp_path, capsys, extra, message):
+    """Under `flatlens sharpness` the landscape's options are --landscape-*: bad values are refused before
+    the checkpoint is read (this one does not exist) and named as the user wrote them (they said --range,
+    --y-range, ... and came after loading the model; a negative block size was taken as 'automatic')."""
+    from flatlens.cli import main
+
+    extra = [str(tmp_path) if e == "RUN" else e for e in extra]
+    rc = main(["sharpness", str(tmp_path / "missing.pt"), "--measures", "landscape", *extra,
+               "--out", str(tmp_path / "a.h5")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_landscape_block_and_repeat_must_be_counts(tiny_run, tmp_path):
+    res = flatlens_cmd("landscape", str(tiny_run / "model.pt"), "--block", "-1", "--out", str(tmp_path / "a.h5"))
+    assert res.returncode == 2 and "--block must be an int >= 0, got -1" in res.stderr, res.stderr

@@ -111,7 +111,7 @@ def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run
     (["--space", "dequant"], "needs a quantized model"),
     (["--out", "FOREIGN"], "not a flatlens analysis file"),
     (["--out", "OTHER"], "holds results of another checkpoint"),
-    (["--measures", "trace", "--trace-method", "xtrace", "--layer-rtol", "0.1"], "layer_rtol needs per-layer"),
+    (["--measures", "trace", "--trace-method", "xtrace", "--layer-rtol", "0.1"], "--layer-rtol needs per-layer"),
     (["--out", "DIR"], "is a directory; give --out a file path"),
     (["--device", "tpu"], "device 'tpu' is not a device"),
     (["--device", "cuda:99"], "device 'cuda:99' asked but"),
@@ -131,3 +131,64 @@ def test_bad_input_is_a_one_line_error_exit_2(tiny_run, tmp_path, capsys, extra,
     rc = main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", *FAST, "--k", "1", *out, *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "0"], "--k=0 and --k-bottom=0 ask for nothing; pass --k >= 1 or --k-bottom >= 1."),
+    (["--k-bottom", "-1"], "--k-bottom=-1 is not an int >= 0"),
+    (["--tol", "0"], "--tol=0.0 must be > 0"),
+    (["--k", "5", "--eig-max-iter", "3"], "--eig-max-iter=3 < --k + --k-bottom = 5; pass --eig-max-iter >= 5."),
+    (["--measures", "trace", "--max-hvp", "1"], "--max-hvp=1 is not an int >= 2"),
+    (["--max-hvp", "0"], "--max-hvp=0 is not an int >= 1"),  # shared with density: 1 residual probe is allowed
+    (["--measures", "trace", "--trace-level", "1.5"], "--trace-level=1.5 is outside (0, 1)"),
+    (["--measures", "trace", "--trace-rtol", "-1"], "--trace-rtol=-1.0 must be > 0"),
+    (["--measures", "trace", "--layer-rtol", "-0.5"], "--layer-rtol=-0.5 must be > 0"),
+    (["--measures", "trace", "--trace-method", "xtrace", "--layer-rtol", "0.1"], "--layer-rtol needs per-layer"),
+    (["--measures", "density", "--density-steps", "0"], "--density-steps=0 is not an int >= 1"),
+    (["--measures", "density", "--density-grid", "1"], "--density-grid=1 is not an int >= 2"),
+    (["--measures", "density", "--density-sigma", "0"], "--density-sigma=0.0 must be > 0"),
+])
+def test_bad_measure_options_fail_before_the_checkpoint_is_read(tmp_path, capsys, extra, message):
+    """The measures' options are checked first and named by their flags: the checkpoint here does not
+    exist, and the error is still about the option. Before, it came after loading the model, timing the
+    kernels and printing a predicted cost, in the API's names ('k_top=0 and k_bottom=0 ask for nothing')."""
+    measures = [] if "--measures" in extra else ["--measures", "hessian,trace,density"]
+    rc = main(["sharpness", str(tmp_path / "missing.pt"), *measures, "--out", str(tmp_path / "a.h5"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_good_measure_options_pass_the_early_check(tmp_path, capsys):
+    """The early check accepts the boundary values the measures accept (so the missing checkpoint is what fails):
+    --max-hvp 1 when the trace shares the density's runs, --trace-rtol 0 (a fixed budget), one density step."""
+    rc = main(["sharpness", str(tmp_path / "missing.pt"), "--max-hvp", "1", "--trace-rtol", "0", "--density-steps", "1",
+               "--density-grid", "2", "--k", "0", "--k-bottom", "1", "--out", str(tmp_path / "a.h5")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "checkpoint not found" in err, err
+    rc = main(["sharpness", str(tmp_path / "missing.pt"), "--measures", "trace", "--trace-method", "gauss-newton",
+               "--max-hvp", "0", "--out", str(tmp_path / "a.h5")])  # exact: no HVP budget to check
+    assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
+def test_more_samples_than_the_split_holds_is_said(tiny_run, tmp_path, capsys):
+    """--samples beyond the split's size uses every sample and says so in the header (it was silent)."""
+    rc = main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", "--samples", "1000000",
+               "--kernel", "graph_reuse", "--out", str(tmp_path / "a.h5")])
+    out = capsys.readouterr().out
+    n = fl.hessian.read(tmp_path / "a.h5")["attrs"]["n_samples"]
+    assert rc == 0 and n < 1000000
+    assert f"{n} samples of split 'source-val'" in out and f"(--samples 1000000 asked; the split holds {n}, all are used)" in out
+
+
+def test_default_measures_do_not_depend_on_import_order(monkeypatch):
+    """--measures defaults to hessian,trace,density whichever measure module a process imported first
+    (it was the registry's first three: landscape,hessian,trace after an earlier import of the landscape)."""
+    from flatlens.cli import build_parser
+    from flatlens.measure import registry
+
+    registry.builtin_measures()
+    monkeypatch.setattr(registry, "REGISTRY", {"landscape": registry.REGISTRY["landscape"], **registry.REGISTRY})
+    assert list(registry.builtin_measures())[0] == "landscape"
+    args = build_parser("sharpness").parse_args(["sharpness", "ckpt.pt"])
+    assert args.measures == "hessian,trace,density"

@@ -15,6 +15,11 @@ from pathlib import Path
 from flatlens.commands import HelpFormatter
 
 
+DEFAULT_MEASURES = ("hessian", "trace", "density")
+"""What ``--measures`` runs when not given. Named here, not taken from the registry's first entries, whose
+order is the order the measure modules happened to be imported in (a process that had imported the
+landscape module first defaulted to ``landscape,hessian,trace``)."""
+
 HELP = "Hessian spectrum/trace, sharpness, landscapes of a checkpoint -> HDF5"
 """One line for ``flatlens --help`` (read without building this command's parser)."""
 
@@ -27,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Measure the loss surface around a checkpoint. Measures: " + ", ".join(measures),
                        formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint written by flatlens train (e.g. runs/erm/model.pt)")
-    p.add_argument("--measures", default=",".join(list(measures)[:3]),
+    p.add_argument("--measures", default=",".join(DEFAULT_MEASURES),
                    help="comma-separated measures to run: " + ", ".join(measures))
     add_objective_arguments(p)
     p.add_argument("--out", help="analysis file (default: analysis.h5 next to the checkpoint)")
@@ -85,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in names if m not in measures]
     if unknown or not names:
         raise FlatlensError(f"--measures {','.join(unknown) or '(empty)'} unknown; choose from {', '.join(measures)}")
+    for n in names:  # bad option values fail here, before the checkpoint is loaded
+        if measures[n].check_args is not None:
+            measures[n].check_args(args, names)
     ctx = D.setup(args.device)
     try:
         obj = build_objective(args)
@@ -94,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         say = print if ctx.is_main else (lambda *a, **k: None)
         say(f"{obj.run.path}: {obj.space.numel:,} parameters in space '{obj.space.space}' "
             f"({len(obj.space.names)} tensors), {obj.n_samples} samples of split '{obj.split}', on {obj.device}"
-            + (f" x{ctx.world_size}" if ctx.distributed else ""))
+            + (f" x{ctx.world_size}" if ctx.distributed else "")
+            + (f" (--samples {args.samples} asked; the split holds {obj.n_samples}, all are used)"
+               if args.samples is not None and args.samples > obj.n_samples else ""))
         t0 = time.perf_counter()
         loss, acc, se = obj.loss_and_accuracy()
         t_forward = time.perf_counter() - t0

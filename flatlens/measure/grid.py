@@ -60,7 +60,7 @@ def parse_range(text: str | Axis, what: str = "--range") -> Axis:
         return text
     m = _RANGE.match(str(text))
     if not m:
-        raise FlatlensError(f"{what} {text!r} is not MIN:MAX:NUM (e.g. -1:1:51; write --range=-1:1:51 on the "
+        raise FlatlensError(f"{what} {text!r} is not MIN:MAX:NUM (e.g. -1:1:51; write {what}=-1:1:51 on the "
                             "command line when MIN is negative)")
     try:
         start, stop, num = float(m.group(1)), float(m.group(2)), int(m.group(3))

@@ -63,6 +63,7 @@ per-layer and quantization terms then need ``blocks=``/are not available.
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -1025,7 +1026,7 @@ def _check_trace_args(rtol: Any, layer_rtol: Any, level: Any, min_samples: Any, 
     """The stopping-rule arguments of :func:`trace` and :func:`spectrum`, checked."""
     rtol = L._check_rtol(rtol)
     if layer_rtol is not None:
-        layer_rtol = L._check_rtol(layer_rtol)
+        layer_rtol = L._check_rtol(layer_rtol, "layer_rtol")
     layer_floor = L._check_pos("layer_floor", layer_floor, "pass a fraction of the absolute trace such as 0.01",
                                allow_zero=True)
     return (rtol, layer_rtol, L._check_level(level), L._check_int("min_samples", min_samples, 2, "pass at least 2"),
@@ -1303,6 +1304,37 @@ def _add_density_args(g: Any) -> None:
                         "density's first Lanczos run (certified eigenvalues; exact trace part, --max-hvp residual probes)")
 
 
+_CLI_FLAGS = {"k_top": "--k", "k_bottom": "--k-bottom", "tol": "--tol", "max_iter": "--eig-max-iter",
+              "rtol": "--trace-rtol", "layer_rtol": "--layer-rtol", "level": "--trace-level", "max_hvp": "--max-hvp",
+              "n_probes": "--density-probes", "n_steps": "--density-steps", "grid": "--density-grid",
+              "sigma": "--density-sigma"}
+"""The API argument behind each command-line flag, for error messages in the flags' names."""
+
+_API_NAME = re.compile(r"(?<![\w-])(" + "|".join(sorted(_CLI_FLAGS, key=len, reverse=True)) + r")(?=\s*(?:=|>=|<|\+))"
+                       r"|(?<=\+ )(" + "|".join(_CLI_FLAGS) + r")\b")
+
+
+@contextmanager
+def _flag_errors() -> Iterator[None]:
+    """The API's argument checks, run on the command line's values: a ValueError becomes a one-line
+    FlatlensError in which each argument (``k_bottom=-1``) is named by its flag (``--k-bottom=-1``)."""
+    try:
+        yield
+    except ValueError as exc:
+        line = str(exc).splitlines()[0]
+        raise FlatlensError(_API_NAME.sub(lambda m: _CLI_FLAGS[m.group(1) or m.group(2)], line)) from None
+
+
+def _check_hessian_cli(args: Any, names: list[str]) -> None:
+    with _flag_errors():
+        L.check_eigen_args(2**62, args.k, args.k_bottom, tol=args.tol, max_iter=args.eig_max_iter, stop=args.eig_stop)
+
+
+def _check_density_cli(args: Any, names: list[str]) -> None:
+    with _flag_errors():
+        L.check_density_args(args.density_probes, args.density_steps, grid=args.density_grid, sigma=args.density_sigma)
+
+
 def _cli_progress(ctx: Any, total: int, desc: str):
     bar = ctx.progress(total, desc)
     return bar, (lambda n: bar.update(n))
@@ -1372,12 +1404,24 @@ def _register() -> None:
             bar.close()
         return _output(res, ctx=ctx)
 
+    def check_trace(args: Any, names: list[str]) -> None:
+        if args.trace_method == "gauss-newton":  # exact: no stopping rule, no HVP budget
+            return
+        if args.trace_method == "xtrace" and args.layer_rtol is not None:
+            raise FlatlensError("--layer-rtol needs per-layer traces, which --trace-method xtrace does not give; "
+                                "use krylov, hutchpp or hutchinson")
+        shared = "trace" in covers_spectrum(args, names)  # residual probes after the shared runs: 1 is enough
+        with _flag_errors():
+            _check_trace_args(args.trace_rtol, args.layer_rtol, args.trace_level, 2, 1, 0.0)
+            L._check_int("max_hvp", args.max_hvp, 1 if shared else 2, "pass the most HVPs the estimate may use")
+
     register(Measure("hessian", "top-k / bottom-k Hessian eigenvalues (Lanczos, certified)", _add_hessian_args,
-                     est_hessian, run_hessian))
+                     est_hessian, run_hessian, _check_hessian_cli))
     register(Measure("trace", "Hessian trace with a 95% CI (krylov, Hutch++, XTrace, Hutchinson) or exact "
-                     "(gauss-newton), per-layer traces, QGen noise terms", _add_trace_args, est_trace, run_trace))
+                     "(gauss-newton), per-layer traces, QGen noise terms", _add_trace_args, est_trace, run_trace,
+                     check_trace))
     register(Measure("density", "spectral density (stochastic Lanczos quadrature)", _add_density_args,
-                     est_density, run_density))
+                     est_density, run_density, _check_density_cli))
 
     def covers_spectrum(args: Any, names: list[str]) -> list[str]:
         if not getattr(args, "shared_krylov", True) or "density" not in names:

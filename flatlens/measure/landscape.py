@@ -39,12 +39,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import statistics
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -186,6 +188,14 @@ def make_directions(obj, names: Sequence[str], kind: str, dims: int, norm: str, 
     return pca_directions(names, origin, trajectory, dims)
 
 
+def _surface_kind(to: Any, plane: Any, pca: Any) -> str:
+    """``random``, ``interpolation`` (``to``), ``plane`` or ``pca``: at most one of the three may be given."""
+    kinds = [k for k, v in (("interpolation", to), ("plane", plane), ("pca", pca)) if v]
+    if len(kinds) > 1:
+        raise FlatlensError("give at most one of --to, --plane and --pca")
+    return kinds[0] if kinds else "random"
+
+
 def _resolve(kind: str, dims: int | None, norm: str | None, ignore: str | None, bn_stats: str | None,
              orthogonalize: bool) -> tuple[int, str, str, str]:
     if dims is None:
@@ -243,14 +253,12 @@ def surface(obj, dims: int | None = None, grid: str | Axis | None = None, y_grid
     """
     from flatlens import store
 
+    _check_counts(repeat, block_size)
     say = log or (lambda _m: None)
     world = D.current()
     share = world.distributed and not obj.ctx.distributed  # unsharded Objective: share points over ranks
     is_main = world.is_main
-    kinds = [k for k, v in (("interpolation", to), ("plane", plane), ("pca", pca)) if v]
-    if len(kinds) > 1:
-        raise FlatlensError("give at most one of --to, --plane and --pca")
-    kind = kinds[0] if kinds else "random"
+    kind = _surface_kind(to, plane, pca)
     if kind == "plane" and len(plane) != 2:
         raise FlatlensError("--plane takes two checkpoints: --plane B C")
     dims, norm, ignore, bn_stats = _resolve(kind, dims, norm, ignore, bn_stats, orthogonalize)
@@ -430,21 +438,40 @@ def surface(obj, dims: int | None = None, grid: str | Axis | None = None, y_grid
     return Surface(name, 2, xs, ys, loss, acc, se, done, full_attrs, Path(out) if out else None)
 
 
+def _auto_points(spec: str | Axis | None, kind: str, what: str) -> int | None:
+    """Points of a PCA axis around the trajectory (``auto[:NUM]``, or no spec on a PCA surface); None for a
+    ``MIN:MAX:NUM`` axis. ``auto`` on another kind of surface, or a bad NUM, is a FlatlensError."""
+    text = str(spec) if spec is not None and not isinstance(spec, Axis) else None
+    if not (kind == "pca" and spec is None) and not (text or "").startswith("auto"):
+        return None
+    if kind != "pca":
+        raise FlatlensError(f"{what} auto is for --pca surfaces; give MIN:MAX:NUM")
+    if not text or text == "auto":
+        return PCA_POINTS
+    try:
+        num = int(text.split(":", 1)[1])
+    except (ValueError, IndexError):
+        num = 0
+    if num < 1 or text.count(":") != 1:
+        raise FlatlensError(f"{what} {text!r}: write auto or auto:NUM with NUM >= 1 (e.g. auto:21)")
+    return num
+
+
 def _axis(spec: str | Axis | None, kind: str, dirs: Directions, k: int, what: str) -> Axis:
     """A grid axis from ``MIN:MAX:NUM``, the kind's default, or (PCA) ``auto[:NUM]`` = around the trajectory."""
-    text = str(spec) if spec is not None and not isinstance(spec, Axis) else None
-    if kind == "pca" and (spec is None or (text or "").startswith("auto")):
-        num = PCA_POINTS
-        if text and text != "auto":
-            try:
-                num = int(text.split(":", 1)[1])
-            except ValueError:
-                raise FlatlensError(f"{what} {text!r}: write auto or auto:NUM (e.g. auto:21)") from None
+    num = _auto_points(spec, kind, what)
+    if num is not None:
         lo, hi = dirs.suggested_ranges[k]
         return parse_range(f"{lo:.6g}:{hi:.6g}:{num}", what)
-    if text is not None and text.startswith("auto"):
-        raise FlatlensError(f"{what} auto is for --pca surfaces; give MIN:MAX:NUM")
     return parse_range(spec if spec is not None else DEFAULT_RANGES[kind], what)
+
+
+def _check_counts(repeat: Any, block_size: Any) -> None:
+    """``repeat`` and ``block_size`` are ints >= 0 (a negative block size used to mean "automatic", silently)."""
+    for what, value in (("--repeat", repeat), ("--block", block_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise FlatlensError(f"{what} must be an int >= 0, got {value!r}"
+                                + (" (0: about one second of work per block)" if what == "--block" else ""))
 
 
 def _fmt_seconds(s: float) -> str:
@@ -596,18 +623,50 @@ def add_measure_arguments(g) -> None:
     g.add_argument("--landscape-overwrite", action="store_true", help="recompute even if stored settings differ")
 
 
+_COMMAND_FLAGS = ("y-range", "range", "dim", "norm", "ignore", "to", "plane", "pca", "repeat", "orthogonalize",
+                  "bn-stats", "name", "block", "overwrite")
+_COMMAND_FLAG = re.compile(r"(?<![\w-])--(" + "|".join(_COMMAND_FLAGS) + r")(?![\w-])")
+
+
+@contextmanager
+def _measure_flags() -> Iterator[None]:
+    """The landscape code's errors name ``flatlens landscape``'s options (``--range``); under ``flatlens
+    sharpness --measures landscape`` the same options are ``--landscape-range`` etc., so rename them."""
+    try:
+        yield
+    except FlatlensError as exc:
+        raise FlatlensError(_COMMAND_FLAG.sub(r"--landscape-\1", str(exc))) from None
+
+
+def _measure_kind(args) -> str:
+    return _surface_kind(args.landscape_to, args.landscape_plane, args.landscape_pca)
+
+
+def check_measure_arguments(args, names: list[str]) -> None:
+    """The ``--landscape-*`` values, checked before the checkpoint is read (what :func:`surface` would
+    refuse without loading anything), named by their flags."""
+    with _measure_flags():
+        kind = _measure_kind(args)
+        dims = _resolve(kind, args.landscape_dim, args.landscape_norm, args.landscape_ignore, args.landscape_bn_stats,
+                        args.landscape_orthogonalize)[0]
+        for spec, what in ((args.landscape_range, "--range"), (args.landscape_y_range, "--y-range")):
+            if spec is not None and _auto_points(spec, kind, what) is None:
+                parse_range(spec, what)
+        if args.landscape_y_range is not None and dims != 2:
+            raise FlatlensError("--y-range needs --dim 2")
+        _check_counts(args.landscape_repeat, args.landscape_block)
+
+
 def _measure_points(args) -> int:
-    dims = args.landscape_dim or (2 if (args.landscape_plane or args.landscape_pca) else 1)
-    kind = "plane" if args.landscape_plane else "pca" if args.landscape_pca else "interpolation" if args.landscape_to else "random"
+    kind = _measure_kind(args)
+    dims = args.landscape_dim or (2 if kind in ("plane", "pca") else 1)
 
-    def count(spec: str | None) -> int:
-        spec = spec or DEFAULT_RANGES[kind] or "auto"
-        if spec.startswith("auto"):
-            return int(spec.split(":", 1)[1]) if ":" in spec else PCA_POINTS
-        return parse_range(spec).num
+    def count(spec: str | None, what: str) -> int:
+        num = _auto_points(spec, kind, what)
+        return num if num is not None else parse_range(spec or DEFAULT_RANGES[kind], what).num
 
-    nx = count(args.landscape_range)
-    ny = count(args.landscape_y_range or args.landscape_range)
+    nx = count(args.landscape_range, "--range")
+    ny = count(args.landscape_y_range or args.landscape_range, "--y-range")
     return nx * (ny if dims == 2 else 1)
 
 
@@ -615,23 +674,26 @@ def _register() -> None:
     from flatlens.measure.registry import Estimate, Measure, MeasureOutput, register
 
     def estimate(obj, args) -> Estimate:
-        n = _measure_points(args)
+        with _measure_flags():
+            n = _measure_points(args)
         return Estimate(n_forward=n + 1 + WARMUP_POINTS, note=f"{n} grid points + {1 + WARMUP_POINTS} warm-up passes")
 
     def run(obj, args, ctx) -> MeasureOutput:
         custom = bool(getattr(args, "params", None) or getattr(args, "exclude", None)
                       or getattr(args, "include", "weights") != "weights")
-        surf = surface(obj, args.landscape_dim, args.landscape_range, args.landscape_y_range,
-                       norm=args.landscape_norm, ignore=args.landscape_ignore, seed=getattr(args, "seed", 0),
-                       repeat=args.landscape_repeat, orthogonalize=args.landscape_orthogonalize, to=args.landscape_to,
-                       plane=args.landscape_plane, pca=args.landscape_pca, bn_stats=args.landscape_bn_stats,
-                       restrict=obj.space.names if custom else None, out=ctx.out, name=args.landscape_name,
-                       overwrite=args.landscape_overwrite, block_size=args.landscape_block, log=ctx.log,
-                       progress=ctx.progress)
+        with _measure_flags():
+            surf = surface(obj, args.landscape_dim, args.landscape_range, args.landscape_y_range,
+                           norm=args.landscape_norm, ignore=args.landscape_ignore, seed=getattr(args, "seed", 0),
+                           repeat=args.landscape_repeat, orthogonalize=args.landscape_orthogonalize,
+                           to=args.landscape_to, plane=args.landscape_plane, pca=args.landscape_pca,
+                           bn_stats=args.landscape_bn_stats, restrict=obj.space.names if custom else None,
+                           out=ctx.out, name=args.landscape_name, overwrite=args.landscape_overwrite,
+                           block_size=args.landscape_block, log=ctx.log, progress=ctx.progress)
         return MeasureOutput(group=surf.group, datasets={}, attrs={}, summary=surf.summary(), written=True)
 
     register(Measure(name="landscape", help="1D/2D loss surfaces (random filter-normalized, interpolation, plane, PCA)",
-                     add_arguments=add_measure_arguments, estimate=estimate, run=run))
+                     add_arguments=add_measure_arguments, estimate=estimate, run=run,
+                     check_args=check_measure_arguments))
 
 
 _register()

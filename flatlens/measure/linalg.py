@@ -50,6 +50,7 @@ __all__ = [
     "LanczosState",
     "lanczos_eigenvalues",
     "check_eigen_args",
+    "check_density_args",
     "PowerIterationResult",
     "power_iteration",
     "TraceResult",
@@ -820,10 +821,10 @@ def _check_budget(max_matvec: Any) -> int:
     return _check_int("max_matvec", max_matvec, 2, "pass the most operator applications the estimate may use")
 
 
-def _check_rtol(rtol: Any) -> float | None:
+def _check_rtol(rtol: Any, name: str = "rtol") -> float | None:
     if rtol is None or rtol == 0:
         return None
-    return _check_pos("rtol", rtol, "pass a relative CI half-width such as 0.01, or None for a fixed budget")
+    return _check_pos(name, rtol, "pass a relative CI half-width such as 0.01, or None for a fixed budget")
 
 
 class _QuadFormVariance:
@@ -1529,6 +1530,28 @@ class SLQResult:
         return float((self.weights * nodes**p).sum(dim=1).mean())
 
 
+def check_density_args(n_probes: Any, n_steps: Any, *, grid: Any = 1001, sigma: Any = None, pad: Any = None
+                       ) -> tuple[int, int, int | Tensor, float | None, float | None]:
+    """Validate :func:`slq_density`'s arguments before any operator application.
+
+    Returns ``(n_probes, n_steps, grid, sigma, pad)``. The grid is checked here too (an int >= 2 or a 1-D
+    tensor of >= 2 points): it is used only after the Lanczos runs, and a bad grid used to fail after all
+    ``n_probes * n_steps`` HVPs had been spent.
+    """
+    n_probes = _check_int("n_probes", n_probes, 1, "pass how many random start vectors to use")
+    n_steps = _check_int("n_steps", n_steps, 1, "pass how many Lanczos steps per probe")
+    if isinstance(grid, Tensor):
+        if grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError("grid tensor must be 1-D with >= 2 points; pass e.g. torch.linspace(a, b, 1001).")
+    else:
+        grid = _check_int("grid", grid, 2, "pass a number of grid points or a 1-D tensor")
+    if sigma is not None:
+        sigma = _check_pos("sigma", sigma, "pass a positive kernel width or None for the default")
+    if pad is not None:
+        pad = _check_pos("pad", pad, "pass a non-negative grid padding or None", allow_zero=True)
+    return n_probes, n_steps, grid, sigma, pad
+
+
 def slq_density(
     op: Any,
     n_probes: int = 3,
@@ -1566,12 +1589,7 @@ def slq_density(
     """
     op = as_operator(op)
     n = op.n
-    n_probes = _check_int("n_probes", n_probes, 1, "pass how many random start vectors to use")
-    n_steps = _check_int("n_steps", n_steps, 1, "pass how many Lanczos steps per probe")
-    if sigma is not None:
-        sigma = _check_pos("sigma", sigma, "pass a positive kernel width or None for the default")
-    if pad is not None:
-        pad = _check_pos("pad", pad, "pass a non-negative grid padding or None", allow_zero=True)
+    n_probes, n_steps, grid, sigma, pad = check_density_args(n_probes, n_steps, grid=grid, sigma=sigma, pad=pad)
     reorth_passes = _check_int("reorth_passes", reorth_passes, 1, "pass 1 or 2")
     gen = make_generator(generator)
     dtype, device = op.dtype, op.device
@@ -1637,12 +1655,9 @@ def slq_density(
     if pad is None:
         pad = 5.0 * sigma
     if isinstance(grid, Tensor):
-        if grid.ndim != 1 or grid.numel() < 2:
-            raise ValueError("grid tensor must be 1-D with >= 2 points; pass e.g. torch.linspace(a, b, 1001).")
         g = grid.detach().double().cpu().numpy()
     else:
-        npts = _check_int("grid", grid, 2, "pass a number of grid points or a 1-D tensor")
-        g = np.linspace(lo_node - pad, hi_node + pad, npts)
+        g = np.linspace(lo_node - pad, hi_node + pad, grid)
     dens = np.zeros_like(g)
     norm = 1.0 / (sigma * math.sqrt(2.0 * math.pi))
     for i in range(p):

@@ -55,6 +55,10 @@ class Measure:
     add_arguments: Callable[[argparse._ArgumentGroup], None]
     estimate: Callable[[Any, argparse.Namespace], Estimate]
     run: Callable[[Any, argparse.Namespace, "RunContext"], MeasureOutput]
+    check_args: Callable[[argparse.Namespace, list[str]], None] | None = None
+    """Called with the parsed options and the requested measures before the checkpoint is loaded: raises
+    a one-line FlatlensError naming the flag of a bad value, so it fails in a second, not after loading
+    the model and timing the HVP kernels."""
 
 
 @dataclass
