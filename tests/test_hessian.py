@@ -260,6 +260,44 @@ def test_quantized_latent_space_hvp_matches_finite_differences_of_gradients():
     assert "straight-through" in eig.provenance["differentiated"] and eig.provenance["space"] == "latent"
 
 
+@pytest.mark.parametrize("kernel", ["double_backward", "graph_reuse", "forward_over_reverse"])
+def test_scales_space_hessian_is_the_surrogate_hessian_in_the_step_sizes(kernel):
+    """Scales space differentiates the straight-through surrogate in the step sizes: each quantized weight
+    moves as ``w_q + r * ds`` (``r = round(w/s) - w/s`` inside the range, ``-Q_N``/``Q_P`` outside), so the
+    Hessian is ``J^T H_dq J`` with ``H_dq`` the dequant-space Hessian. Without LSQ's gradient scale ``g``:
+    with it (as before) every block came out multiplied by ``g_l g_m`` (~1e-3 here) and the eigenvalues too."""
+    from flatlens.quant import iter_quantizers
+
+    net = _quant_cnn()
+    batches = _data()
+    obj = Objective(net, batches=batches, space="scales", kernel=kernel)
+    deq = Objective(net, batches=batches, space="dequant", kernel="double_backward")
+    assert obj.space.names == ["0.weight_quantizer.step_size", "4.weight_quantizer.step_size"]
+    Hd = dense_hessian(deq)
+    cols = []
+    offset = 0
+    for (name, q), p in zip(iter_quantizers(net, "weight"), deq.space.params):
+        s = q.step_size.detach().reshape(-1, *[1] * (p.dim() - 1))
+        w = dict(net.named_parameters())[name.rsplit(".", 1)[0] + ".weight"].detach()
+        y = w / s
+        inside = (y >= -q.q_n) & (y <= q.q_p)
+        r = torch.where(inside, torch.round(y) - y, torch.clamp(torch.round(y), -q.q_n, q.q_p)).to(F64)
+        for c in range(s.numel()):
+            col = torch.zeros(deq.space.numel, dtype=F64)
+            col[offset:offset + p.numel()] = (r * (torch.arange(p.shape[0]) == c).reshape(-1, *[1] * (p.dim() - 1))).reshape(-1)
+            cols.append(col)
+        offset += p.numel()
+    J = torch.stack(cols, 1)
+    H_true = J.T @ Hd @ J
+    n = obj.space.numel
+    H = torch.stack([obj.hvp(e) for e in torch.eye(n, dtype=F64)], 1)
+    assert torch.allclose(H, H_true, rtol=1e-8, atol=1e-10 * float(H_true.abs().max())), float((H - H_true).abs().max())
+    eig = fl.hessian.eigenvalues(obj, k=2, tol=1e-8, max_iter=n)
+    assert torch.allclose(eig.values, torch.linalg.eigvalsh(H_true).flip(0)[:2], rtol=1e-7)
+    assert float(H_true.abs().max()) > 1e-2  # the loss's own curvature, not LSQ's preconditioned g^2-scaled one
+    assert all(q.gradient_scale_on for _, q in iter_quantizers(net, "weight"))  # training's setting is back
+
+
 def test_forward_over_reverse_equals_double_backward_fp32():
     torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)).eval()

@@ -120,7 +120,7 @@ class Objective:
         elif space == "dequant":
             self.differentiated = "float copy holding the quantized weights w_q (quantizers off)"
         elif space == "scales":
-            self.differentiated = "quantizer step sizes (straight-through surrogate)"
+            self.differentiated = "quantizer step sizes (straight-through surrogate, LSQ gradient scale off)"
         else:
             self.differentiated = "float model"
         self.kernel_name = kernel
@@ -171,12 +171,20 @@ class Objective:
 
     @contextmanager
     def _eval(self) -> Iterator[None]:
-        """Eval mode for the duration of a call; the caller's training flags come back afterwards."""
+        """Eval mode for the duration of a call; the caller's training flags come back afterwards.
+
+        LSQ's step-size gradient scale is off meanwhile (:func:`flatlens.quant.gradient_scale_off`):
+        with it, every derivative with respect to a step size came out multiplied by LSQ's training
+        preconditioner ``g = 1/sqrt(N Q_P)`` (squared in the Hessian), not the loss's own.
+        """
+        from flatlens.quant.lsq import gradient_scale_off
+
         flags = {m: m.training for m in self.model.modules()}
         self.model.eval()
         t0 = time.perf_counter()
         try:
-            yield
+            with gradient_scale_off(self.model):
+                yield
         finally:
             for m, f in flags.items():
                 m.training = f

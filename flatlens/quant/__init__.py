@@ -26,7 +26,7 @@ from .export import (
     save_integer_export,
     verify_export,
 )
-from .lsq import LSQQuantizer, grad_scale, quant_range, round_pass
+from .lsq import LSQQuantizer, grad_scale, gradient_scale_off, quant_range, round_pass
 from .modules import QUANT_MODULE_TYPES, QuantConv2d, QuantLinear
 from .noise import (
     QuantNoiseStats,
@@ -38,7 +38,7 @@ from .noise import (
 )
 
 __all__ = [
-    "LSQQuantizer", "grad_scale", "round_pass", "quant_range",
+    "LSQQuantizer", "grad_scale", "gradient_scale_off", "round_pass", "quant_range",
     "QuantConv2d", "QuantLinear", "QUANT_MODULE_TYPES",
     "attach_quantizers", "eligible_module_names", "iter_quantizers", "quantized_module_names",
     "quantizer_parameter_names", "set_quantization_enabled", "is_quantization_enabled",

@@ -41,19 +41,23 @@ gradient 1). On CPU the forward and the first-order backward of large contiguous
 weights) run as single numba loops (:mod:`flatlens.quant.kernels`: same values bitwise, buffers reused
 between steps); the double backward, CUDA and the ``torch.func`` transforms use the torch ops.
 
-What an HVP through this quantizer means: it is the Jacobian of the *straight-through surrogate*
-gradient, not the Hessian of the (piecewise-constant in the weights) quantized loss. For the weight
-block it equals the float Hessian at the fake-quantized point ``w_q`` masked to the unclipped weights,
-and it is symmetric. Blocks involving step sizes are scaled by ``g`` and are in general *not*
-symmetric (``d/dv`` of the step-size gradient has an extra ``-g * dL/dv_hat / s`` term that the other
-order lacks), so curvature measures should exclude step sizes (see
-:func:`flatlens.quant.attach.quantizer_parameter_names`) unless they handle a non-symmetric operator.
+What an HVP through this quantizer means: it is the Hessian of the *straight-through surrogate*, not
+of the (piecewise-constant in the weights) quantized loss. The surrogate replaces the quantizer by its
+linearisation at the current point, ``v_hat ~ v_hat0 + inside * dv + r * ds`` (``inside`` and ``r``
+are constants to every order, see above), so its Hessian is ``J^T H J`` with ``J = [diag(inside), r]``
+and ``H`` the float Hessian at the fake-quantized point ``w_q``: symmetric, the weight block masked to
+the unclipped weights, the step-size block ``r^T H r``. LSQ's gradient scale ``g`` is a preconditioner
+of the step-size *update*, not part of the loss; through it the step-size blocks came out scaled by
+``g_l g_m`` (1e-4 to 1e-5 for 4-bit convolutions). The measures therefore run with it switched off
+(:func:`gradient_scale_off`, used by :class:`flatlens.measure.objective.Objective`); values are
+bitwise the same either way.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -71,6 +75,25 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in value (bitwise), multiply the gradient by ``scale`` (any order of AD)."""
     xs = x * scale
     return x.detach() + (xs - xs.detach())
+
+
+@contextmanager
+def gradient_scale_off(model: nn.Module) -> Iterator[None]:
+    """Every LSQ quantizer of ``model`` without its step-size gradient scale for the duration.
+
+    Derivatives with respect to step sizes are then those of the loss (of the straight-through
+    surrogate), not LSQ's preconditioned training gradient ``g * dL/ds``; derivatives with respect to
+    anything else, and every value, are bitwise unchanged. Each quantizer's setting is put back on exit.
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
+    before = [q.gradient_scale_on for q in quantizers]
+    for q in quantizers:
+        q.gradient_scale_on = False
+    try:
+        yield
+    finally:
+        for q, on in zip(quantizers, before):
+            q.gradient_scale_on = on
 
 
 def round_pass(x: torch.Tensor) -> torch.Tensor:
@@ -298,6 +321,10 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False, device=device))
         self._enabled = bool(enabled)
         self._initialized = False
+        self.gradient_scale_on = True
+        """Multiply the step-size gradient by :meth:`grad_factor` (LSQ's rule, for training). Measures of
+        the loss surface switch it off (:func:`gradient_scale_off`): it changes no value, only the
+        step-size derivatives."""
         self._pool = kernels.BufferPool()  # reused output buffers of the fused CPU kernel
 
     # ------------------------------------------------------------------ range
@@ -412,7 +439,7 @@ class LSQQuantizer(nn.Module):
         bitwise.
         """
         s = self.step_size.clamp_min(self.eps)
-        if scaled:
+        if scaled and self.gradient_scale_on:
             s = grad_scale(s, self.grad_factor(x))
         return s.reshape(self._broadcast_shape(x))
 
