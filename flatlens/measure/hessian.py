@@ -810,7 +810,10 @@ def _krylov_trace(op: L.SymmetricOperator, blocks: _Blocks | None, *, rtol: floa
     ``"trace"`` stream), so they are independent of it and the estimate is unbiased given the basis.
     ``tr(Q^T H Q)`` is exact from the tridiagonal (per block from the Lanczos relation, no HVP).
     """
-    k = min(op.n, max_hvp // 3 if sketch_size is None else int(sketch_size))
+    if sketch_size is None:  # a space of at most max_hvp dimensions: the basis spans it, the trace is exact
+        k = op.n if op.n <= max_hvp else max_hvp // 3
+    else:
+        k = min(op.n, int(sketch_size))
     if k < 1 or (k < op.n and max_hvp - k < 2):
         raise FlatlensError(f"max_hvp={max_hvp} leaves {max_hvp - k} residual probes after a Lanczos basis of {k}; "
                             f"pass max_hvp >= {max(k, 1) + 2} or a smaller sketch_size")
@@ -935,7 +938,9 @@ def trace(obj: Any, method: str = "krylov", *, rtol: float | None = 0.01, max_hv
     Args:
         method: ``krylov`` (default: a Lanczos basis of ``sketch_size`` = ``max_hvp // 3`` steps,
             ``tr(Q^T H Q)`` exact from its tridiagonal, then deflated Rademacher probes streamed until the
-            CI target; Krylov-aware trace estimation, Chen & Hallman 2023), ``hutchpp`` (the same second
+            CI target; Krylov-aware trace estimation, Chen & Hallman 2023; a space of at most ``max_hvp``
+            dimensions, e.g. the step sizes, gets a basis of all of them: the exact trace in ``n`` HVPs,
+            with a zero-width interval), ``hutchpp`` (the same second
             phase after a randomized sketch of ``max_hvp // 3`` columns, which costs two HVPs per
             dimension where the Lanczos basis costs one, and sees the top of the spectrum less sharply:
             at 100 HVPs its interval was 1.3-1.5x wider on MNIST-CNN and ResNet-18), ``xtrace`` (exchangeable, test vectors doubling from 10), ``hutchinson``
