@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 MEASURE_MODULES = (
-    "flatlens.measure.hessian",
+    "flatlens.measure.hessian_cli",
     "flatlens.measure.landscape",
 )
 """Modules whose import registers measures (later measures add themselves here)."""

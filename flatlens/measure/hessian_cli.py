@@ -1,0 +1,209 @@
+"""``flatlens sharpness --measures hessian,trace,density``: the three Hessian measures' options, checks,
+cost estimates and runs, registered with :mod:`flatlens.measure.registry`.
+
+The measures themselves are :mod:`flatlens.measure.hessian`'s API; this module only turns parsed options
+into its calls and its results into the ``/hessian`` group and summary rows. Options are checked before
+the checkpoint is read (:attr:`~flatlens.measure.registry.Measure.check_args`), with the API's own
+argument checks, their messages naming the flags. Requested together with ``density``, ``hessian`` and
+``trace`` run as one :class:`~flatlens.measure.registry.Joint` (:func:`~flatlens.measure.hessian.spectrum`).
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from flatlens.errors import FlatlensError
+from flatlens.measure import linalg as L
+from flatlens.measure.gauss_newton import PER_SAMPLE_MODES
+from flatlens.measure.hessian import (EIG_STARTS, GROUP, TRACE_METHODS, _check_trace_args, _Stored, density,
+                                      eigenvalues, spectrum, trace, write)
+
+
+def _add_hessian_args(g: Any) -> None:
+    g.add_argument("--k", type=int, default=1, help="how many largest eigenvalues")
+    g.add_argument("--k-bottom", type=int, default=0, help="how many smallest eigenvalues (negative curvature)")
+    g.add_argument("--tol", type=float, default=1e-3, help="certified relative error of each eigenvalue, in (0, 1)")
+    g.add_argument("--eig-max-iter", type=int, default=None, help="most Lanczos steps (HVPs); default max(50, 4k+20)")
+    g.add_argument("--eig-stop", default="residual", choices=("residual", "gap"),
+                   help="residual: certified r <= tol|theta|/(1+tol); gap: the sharper uncertified r^2/gap estimate")
+    g.add_argument("--eig-start", default="auto", choices=EIG_STARTS,
+                   help="Lanczos start: gradient (+ random) for the top-1, random, or auto (gradient for --k 1 alone); "
+                        "with density the shared run starts from the density's first probe unless this is gradient")
+
+
+def _add_trace_args(g: Any) -> None:
+    g.add_argument("--trace-method", default="krylov", choices=TRACE_METHODS,
+                   help="trace estimator; krylov: probes deflated by a Lanczos basis of max-hvp/3 steps (tighter "
+                        "than hutchpp's sketch at the same HVPs); gauss-newton: exact for piecewise-linear nets (ReLU, "
+                        "pooling, eval BatchNorm), checked first, C-1 per-sample vector-Jacobian products (batched with torch.func), no HVPs")
+    g.add_argument("--gauss-newton-per-sample", default="auto", choices=PER_SAMPLE_MODES,
+                   help="gauss-newton: per-sample products batched by torch.func (vmap), one by one (loop), or "
+                        "whichever is faster on the first samples (auto)")
+    g.add_argument("--trace-rtol", type=float, default=0.01, help="stop at this relative 95%% CI half-width (0: spend --max-hvp)")
+    g.add_argument("--max-hvp", type=int, default=100, help="most HVPs for the trace")
+    g.add_argument("--trace-level", type=float, default=0.95, help="confidence level of the interval")
+    g.add_argument("--layers", default="layer", choices=("layer", "tensor", "none"),
+                   help="per-layer/per-tensor traces from the same probes (krylov, hutchpp, hutchinson)")
+    g.add_argument("--layer-rtol", type=float, default=None,
+                   help="also stop only when every layer's CI half-width is within this fraction")
+
+
+def _add_density_args(g: Any) -> None:
+    g.add_argument("--density-probes", type=int, default=3, help="SLQ probes (start vectors)")
+    g.add_argument("--density-steps", type=int, default=30, help="Lanczos steps per probe")
+    g.add_argument("--density-grid", type=int, default=1001, help="grid points of the smoothed density")
+    g.add_argument("--density-sigma", type=float, default=None, help="Gaussian width (default: node range / 100)")
+    g.add_argument("--no-shared-krylov", dest="shared_krylov", action="store_false",
+                   help="run hessian and trace apart from density; by default, requested together, they reuse the "
+                        "density's first Lanczos run (certified eigenvalues; exact trace part, --max-hvp residual probes)")
+
+
+_CLI_FLAGS = {"k_top": "--k", "k_bottom": "--k-bottom", "tol": "--tol", "max_iter": "--eig-max-iter",
+              "rtol": "--trace-rtol", "layer_rtol": "--layer-rtol", "level": "--trace-level", "max_hvp": "--max-hvp",
+              "n_probes": "--density-probes", "n_steps": "--density-steps", "grid": "--density-grid",
+              "sigma": "--density-sigma"}
+"""The API argument behind each command-line flag, for error messages in the flags' names."""
+
+_API_NAME = re.compile(r"(?<![\w-])(" + "|".join(sorted(_CLI_FLAGS, key=len, reverse=True)) + r")(?=\s*(?:=|>=|<|\+))"
+                       r"|(?<=\+ )(" + "|".join(_CLI_FLAGS) + r")\b")
+
+
+@contextmanager
+def _flag_errors() -> Iterator[None]:
+    """The API's argument checks, run on the command line's values: a ValueError becomes a one-line
+    FlatlensError in which each argument (``k_bottom=-1``) is named by its flag (``--k-bottom=-1``)."""
+    try:
+        yield
+    except ValueError as exc:
+        line = str(exc).splitlines()[0]
+        raise FlatlensError(_API_NAME.sub(lambda m: _CLI_FLAGS[m.group(1) or m.group(2)], line)) from None
+
+
+def _check_hessian_cli(args: Any, names: list[str]) -> None:
+    with _flag_errors():
+        L.check_eigen_args(2**62, args.k, args.k_bottom, tol=args.tol, max_iter=args.eig_max_iter, stop=args.eig_stop)
+
+
+def _check_density_cli(args: Any, names: list[str]) -> None:
+    with _flag_errors():
+        L.check_density_args(args.density_probes, args.density_steps, grid=args.density_grid, sigma=args.density_sigma)
+
+
+def _cli_progress(ctx: Any, total: int, desc: str):
+    bar = ctx.progress(total, desc)
+    return bar, (lambda n: bar.update(n))
+
+
+def _output(*results: _Stored, ctx: Any):
+    from flatlens.measure.registry import MeasureOutput
+
+    if ctx.is_main:
+        write(ctx.out, *results)
+    rows = [(r.MEASURE, label, value) for r in results for label, value in r.summary()]
+    return MeasureOutput(group=GROUP, datasets={}, attrs={}, summary=rows, written=True)
+
+
+def _register() -> None:
+    from flatlens.measure.registry import Estimate, Joint, Measure, register, register_joint
+
+    def est_hessian(obj: Any, args: Any) -> Estimate:
+        k = args.k + args.k_bottom
+        cap = args.eig_max_iter or max(50, 4 * k + 20)
+        # typical counts: ~3 steps per top value; the bottom of a Hessian spectrum is a bulk near zero, which
+        # takes ~15-25 steps for the first value (tiny CNNs on the digits, tol 1e-3)
+        typical = 3 * args.k + 3 + (12 + 3 * args.k_bottom if args.k_bottom else 0)
+        rule = "its r^2/gap estimate meets" if args.eig_stop == "gap" else "certified to"
+        return Estimate(n_hvp=min(cap, typical), note=f"typical; Lanczos stops when {rule} --tol {args.tol:g}; "
+                                                      f"at most {cap}")
+
+    def run_hessian(obj: Any, args: Any, ctx: Any):
+        k = args.k + args.k_bottom
+        bar, prog = _cli_progress(ctx, args.eig_max_iter or max(50, 4 * k + 20), "hessian")
+        try:
+            res = eigenvalues(obj, args.k, args.k_bottom, tol=args.tol, seed=args.seed, max_iter=args.eig_max_iter,
+                              stop=args.eig_stop, start=args.eig_start, progress=prog)
+        finally:
+            bar.close()
+        return _output(res, ctx=ctx)
+
+    def est_trace(obj: Any, args: Any) -> Estimate:
+        if args.trace_method == "gauss-newton":
+            from flatlens.measure.gauss_newton import predicted_seconds
+
+            return Estimate(seconds=predicted_seconds(obj, per_sample=args.gauss_newton_per_sample), note="exact Gauss-Newton diagonal: C-1 per-sample "
+                            f"vector-Jacobian products for each of {obj.n_local} samples, timed on the first ones")
+        return Estimate(n_hvp=args.max_hvp, note=f"at most; stops at ±{args.trace_rtol:g} relative ({args.trace_method})")
+
+    def run_trace(obj: Any, args: Any, ctx: Any):
+        gn = args.trace_method == "gauss-newton"
+        bar, prog = _cli_progress(ctx, obj.n_local if gn else args.max_hvp, "trace (samples)" if gn else "trace")
+        try:
+            res = trace(obj, args.trace_method, rtol=args.trace_rtol or None, max_hvp=args.max_hvp, seed=args.seed,
+                        level=args.trace_level, layers=args.layers if args.trace_method != "xtrace" else "none",
+                        layer_rtol=args.layer_rtol, per_sample=args.gauss_newton_per_sample, progress=prog)
+        finally:
+            bar.close()
+        return _output(res, ctx=ctx)
+
+    def est_density(obj: Any, args: Any) -> Estimate:
+        return Estimate(n_hvp=args.density_probes * args.density_steps,
+                        note=f"{args.density_probes} probes x {args.density_steps} Lanczos steps")
+
+    def run_density(obj: Any, args: Any, ctx: Any):
+        bar, prog = _cli_progress(ctx, args.density_probes * args.density_steps, "density")
+        try:
+            res = density(obj, args.density_probes, args.density_steps, grid=args.density_grid,
+                          sigma=args.density_sigma, seed=args.seed, progress=prog)
+        finally:
+            bar.close()
+        return _output(res, ctx=ctx)
+
+    def check_trace(args: Any, names: list[str]) -> None:
+        if args.trace_method == "gauss-newton":  # exact: no stopping rule, no HVP budget
+            return
+        if args.trace_method == "xtrace" and args.layer_rtol is not None:
+            raise FlatlensError("--layer-rtol needs per-layer traces, which --trace-method xtrace does not give; "
+                                "use krylov, hutchpp or hutchinson")
+        shared = "trace" in covers_spectrum(args, names)  # residual probes after the shared runs: 1 is enough
+        with _flag_errors():
+            _check_trace_args(args.trace_rtol, args.layer_rtol, args.trace_level, 2, 1, 0.0)
+            L._check_int("max_hvp", args.max_hvp, 1 if shared else 2, "pass the most HVPs the estimate may use")
+
+    register(Measure("hessian", "top-k / bottom-k Hessian eigenvalues (Lanczos, certified)", _add_hessian_args,
+                     est_hessian, run_hessian, _check_hessian_cli))
+    register(Measure("trace", "Hessian trace with a 95% CI (krylov, Hutch++, XTrace, Hutchinson) or exact "
+                     "(gauss-newton), per-layer traces, QGen noise terms", _add_trace_args, est_trace, run_trace,
+                     check_trace))
+    register(Measure("density", "spectral density (stochastic Lanczos quadrature)", _add_density_args,
+                     est_density, run_density, _check_density_cli))
+
+    def covers_spectrum(args: Any, names: list[str]) -> list[str]:
+        if not getattr(args, "shared_krylov", True) or "density" not in names:
+            return []
+        return [n for n in names if n == "density" or (n == "hessian" and getattr(args, "eig_start", "auto") != "gradient")
+                or (n == "trace" and args.trace_method in ("hutchpp", "krylov"))]  # others (gauss-newton...) run apart
+
+    def est_spectrum(obj: Any, args: Any, members: list[str]) -> Estimate:
+        dens = args.density_probes * args.density_steps
+        extra = args.max_hvp if "trace" in members else 0
+        return Estimate(n_hvp=dens + extra, note=f"{dens} SLQ HVPs shared by {', '.join(members)}"
+                        + (f"; at most {extra} trace residual probes, stops at ±{args.trace_rtol:g}" if extra else ""))
+
+    def run_spectrum(obj: Any, args: Any, ctx: Any, members: list[str]):
+        bar, prog = _cli_progress(ctx, est_spectrum(obj, args, members).n_hvp, "+".join(members))
+        try:
+            res = spectrum(obj, args.density_probes, args.density_steps, eigen="hessian" in members, k=args.k,
+                           k_bottom=args.k_bottom, tol=args.tol, eig_max_iter=args.eig_max_iter, stop=args.eig_stop,
+                           trace="trace" in members, rtol=args.trace_rtol or None, max_hvp=args.max_hvp,
+                           level=args.trace_level, layers=args.layers, layer_rtol=args.layer_rtol,
+                           grid=args.density_grid, sigma=args.density_sigma, seed=args.seed, progress=prog)
+        finally:
+            bar.close()
+        return _output(*res.results, ctx=ctx)
+
+    register_joint(Joint("spectrum", covers_spectrum, est_spectrum, run_spectrum))
+
+
+_register()
