@@ -309,6 +309,11 @@ def test_scales_space_hessian_is_the_surrogate_hessian_in_the_step_sizes(kernel)
     assert torch.allclose(eig.values, torch.linalg.eigvalsh(H_true).flip(0)[:2], rtol=1e-7)
     assert float(H_true.abs().max()) > 1e-2  # the loss's own curvature, not LSQ's preconditioned g^2-scaled one
     assert all(q.gradient_scale_on for _, q in iter_quantizers(net, "weight"))  # training's setting is back
+    # the low-level engine on the same model and step sizes gives the same Hessian (make_forward_fn)
+    steps = {n: p for n, p in net.named_parameters() if n in obj.space.names}
+    eng = HessianVectorProduct(make_loss_fn(net), steps, batches, kernel=kernel)
+    assert torch.allclose(torch.stack([eng.hvp(e) for e in torch.eye(n, dtype=F64)], 1), H_true, rtol=1e-8,
+                          atol=1e-10 * float(H_true.abs().max()))
 
 
 def test_forward_over_reverse_equals_double_backward_fp32():

@@ -91,11 +91,14 @@ def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callab
     """``forward(params, inputs) -> model(*inputs)`` with the parameters named in ``params`` swapped in.
 
     Parameters not in ``params`` enter as detached aliases (constants: no graph is built through them);
-    buffers are the module's own. A module in training mode is refused unless ``allow_training``, in
+    buffers are the module's own. LSQ quantizers run without their step-size gradient scale
+    (:func:`flatlens.quant.gradient_scale_off`), so derivatives in the step sizes are the loss's. A module in training mode is refused unless ``allow_training``, in
     which case buffers are passed as fresh copies so the module is not modified. This is the one place
     that calls the model functionally; :func:`make_loss_fn` and the per-sample Gauss-Newton passes
     (:mod:`flatlens.measure.gauss_newton`) both go through it.
     """
+    from flatlens.quant.lsq import gradient_scale_off
+
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}; pass a torch.nn.Module.")
     param_names = [name for name, _ in model.named_parameters()]
@@ -116,7 +119,8 @@ def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callab
         merged.update(params)
         if allow_training and training:
             merged.update({name: b.clone() for name, b in model.named_buffers() if name in buffer_names})
-        return torch.func.functional_call(model, merged, inputs)
+        with gradient_scale_off(model):  # step-size derivatives of the loss, not LSQ's g-scaled ones
+            return torch.func.functional_call(model, merged, inputs)
 
     return forward
 
