@@ -43,6 +43,31 @@ def test_quantizer_step_sizes_are_their_own_group():
     assert "0.weight_quantizer.step_size" not in select_parameters(net)
 
 
+def test_step_sizes_of_disabled_quantizers_are_left_out_or_refused_in_one_line():
+    """A disabled quantizer's step size does not enter the loss: differentiating it raised autograd's
+    'element 0 of tensors does not require grad' from deep inside (--space dequant --include scales)."""
+    from flatlens.quant import attach_quantizers
+
+    net = _bn_net().eval()
+    attach_quantizers(net, enabled=True, bits=4)
+    batches = [(torch.randn(6, 1, 6, 6, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 5)]
+    with torch.no_grad():
+        net(batches[0][0])  # lazy init of the quantizers
+    steps = ["0.weight_quantizer.step_size", "4.weight_quantizer.step_size"]
+    assert Objective(net, batches=batches, space="latent", include=("all",)).space.names[-1] == steps[1]
+    deq = Objective(net, batches=batches, space="dequant", include=("all",))  # weight quantizers off: no steps
+    assert not set(steps) & set(deq.space.names) and "0.weight" in deq.space.names
+    assert deq.hvp(torch.ones(deq.space.numel, dtype=torch.float32)).isfinite().all()
+    for space, why in (("dequant", "space 'dequant' turns the weight quantizers off"),):
+        with pytest.raises(FlatlensError, match=f"all step sizes of disabled quantizers: {why}"):
+            Objective(net, batches=batches, space=space, include=("scales",))
+    fl.quant.set_quantization_enabled(net, False)  # a checkpoint from before quantization started
+    with pytest.raises(FlatlensError, match="the quantizers of this model are off"):
+        Objective(net, batches=batches, space="scales")
+    lat = Objective(net, batches=batches, space="latent", include=("all",))
+    assert not set(steps) & set(lat.space.names)
+
+
 def test_param_space_moves_in_place_and_restores_bitwise():
     net = _bn_net()
     space = ParamSpace(net, select_parameters(net))

@@ -31,10 +31,24 @@ from flatlens import distributed as D
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import HessianVectorProduct, make_loss_fn
 from flatlens.measure.linalg import _check_int
-from flatlens.measure.params import ParamSpace, select_parameters
+from flatlens.measure.params import ParamSpace, inert_step_sizes, select_parameters
 from flatlens.seeding import generator
 
 SPLITS_HELP = "train (source in splits), source-val (source out splits), target (all of the target domains), env{i}_in/out"
+
+
+def _live_parameters(model: nn.Module, names: list[str], space: str) -> list[str]:
+    """``names`` without the step sizes of disabled quantizers (see :func:`inert_step_sizes`); a selection
+    of nothing but those is a one-line error that says why and what to select instead."""
+    inert = inert_step_sizes(model)
+    live = [n for n in names if n not in inert]
+    if not live:
+        why = ("space 'dequant' turns the weight quantizers off" if space == "dequant"
+               else "the quantizers of this model are off (a checkpoint from before quantization started?)")
+        raise FlatlensError(f"the selected parameters are all step sizes of disabled quantizers: {why}, so they do "
+                            "not enter the loss; for step-size curvature use space 'scales' on a model whose "
+                            "quantizers are on, or select other parameters")
+    return live
 
 
 def _has_quantizers(model: nn.Module) -> bool:
@@ -98,7 +112,8 @@ class Objective:
         self.model = model.to(device)
         if space == "scales" and tuple(include) == ("weights",) and select is None:
             include = ("scales",)
-        self.space = ParamSpace(self.model, select_parameters(self.model, include, select, exclude), space)
+        self.space = ParamSpace(self.model, _live_parameters(self.model, select_parameters(self.model, include, select,
+                                                                                         exclude), space), space)
         self.selection = {"include": list(include), "select": select or "", "exclude": exclude or ""}
         self.split = split
         self.seed = seed

@@ -51,6 +51,19 @@ def _quantizer_param_names(model: nn.Module) -> set[str]:
     return set(quantizer_parameter_names(model))
 
 
+def inert_step_sizes(model: nn.Module) -> set[str]:
+    """Names of the step sizes whose quantizer is off: they do not enter the model's function.
+
+    The weight quantizers of the ``dequant`` copy are off by construction, and every quantizer of a QAT
+    checkpoint saved before quantization started is off; differentiating such a step size fails deep
+    inside autograd (nothing depends on it), so the Objective leaves them out of its space.
+    """
+    from flatlens.quant import iter_quantizers
+
+    off = {id(p) for _, q in iter_quantizers(model) if not q.is_enabled() for p in q.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in off}
+
+
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     """Names of the trainable parameters in each selection group, in model order."""
     qnames = _quantizer_param_names(model)
