@@ -188,6 +188,8 @@ def test_lanczos_bad_arguments():
         lanczos_eigenvalues(torch.randn(4, 5), 1)
     with pytest.raises(ValueError):
         SymmetricOperator(lambda v: v, 0)
+    with pytest.raises(ValueError, match="got a torch.int64 matrix; pass a real floating-point one"):
+        lanczos_eigenvalues(torch.eye(4, dtype=torch.int64), 1)  # was a TypeError from torch.finfo
 
 
 # ------------------------------------------------------------------------------------------------

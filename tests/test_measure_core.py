@@ -154,3 +154,8 @@ def test_objective_on_a_checkpoint(tiny_run):
     assert model_state_hash(run.model) == state
     with pytest.raises(FlatlensError, match="needs a quantized model"):
         Objective(run, space="dequant")
+    for bad in (10.5, "10", 0):  # were TypeErrors from the slicing inside (or a check after loading the split)
+        with pytest.raises(FlatlensError, match=r"--samples=.* is not an int >= 1"):
+            Objective(run, samples=bad)
+    with pytest.raises(FlatlensError, match="kernel='fast'; pass 'auto' or one of"):  # at once, not at the first HVP
+        Objective(run, kernel="fast")

@@ -115,6 +115,8 @@ class SymmetricOperator:
         if not isinstance(A, Tensor) or A.ndim != 2 or A.shape[0] != A.shape[1]:
             shape = tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__
             raise ValueError(f"from_matrix: got {shape}, need a square 2-D tensor; pass an n x n matrix.")
+        if not A.dtype.is_floating_point:
+            raise ValueError(f"from_matrix: got a {A.dtype} matrix; pass a real floating-point one, e.g. A.double().")
         if check_symmetric:
             scale = float(A.abs().max()) if A.numel() else 0.0
             asym = float((A - A.T).abs().max()) if A.numel() else 0.0

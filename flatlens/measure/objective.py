@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from flatlens import distributed as D
 from flatlens.errors import FlatlensError
-from flatlens.measure.hvp import HessianVectorProduct, make_loss_fn
+from flatlens.measure.hvp import KERNELS, HessianVectorProduct, make_loss_fn
 from flatlens.measure.linalg import _check_int
 from flatlens.measure.params import ParamSpace, inert_step_sizes, select_parameters
 from flatlens.seeding import generator
@@ -94,8 +94,12 @@ class Objective:
         self.ctx = D.current() if shard else D.DistContext()
         try:
             batch_size = _check_int("--batch-size", batch_size, 1, "pass how many samples to evaluate at once")
+            if samples is not None:
+                samples = _check_int("--samples", samples, 1, "pass how many samples to draw, or None for all")
         except ValueError as exc:
             raise FlatlensError(str(exc)) from None
+        if kernel != "auto" and kernel not in KERNELS:  # checked here, not at the first HVP
+            raise FlatlensError(f"kernel={kernel!r}; pass 'auto' or one of {', '.join(KERNELS)}")
         self.run = source if isinstance(source, Run) else None
         model = source.model if self.run is not None else source
         if not isinstance(model, nn.Module):
@@ -151,8 +155,6 @@ class Objective:
         parts = run.split_data(self.split)
         ids = torch.cat([torch.stack([torch.full_like(idx, env), idx], 1) for env, idx in parts])
         if samples is not None:
-            if samples < 1:
-                raise FlatlensError(f"--samples must be >= 1, got {samples}")
             if samples < len(ids):
                 pick = torch.randperm(len(ids), generator=generator(self.seed, "objective-samples", self.split))[:samples]
                 ids = ids[pick.sort().values]
