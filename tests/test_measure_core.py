@@ -68,6 +68,24 @@ def test_step_sizes_of_disabled_quantizers_are_left_out_or_refused_in_one_line()
     assert not set(steps) & set(lat.space.names)
 
 
+def test_bad_explicit_batches_are_one_line_errors():
+    """Mistakes in batches= were tracebacks from inside cross-entropy or tuple unpacking; a non-finite
+    Hessian-vector product surfaced as numpy's 'Eigenvalues did not converge'."""
+    net = _bn_net().eval()
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 4, 2])
+    for batches, msg in (((x, y), r"batches\[0\] is not an \(inputs, labels\) pair"),
+                         ([(x, y.float())], r"labels are torch.float32 of shape \(4,\); pass a 1-D integer"),
+                         ([(x, y[:3])], "holds 4 inputs and 3 labels"),
+                         ([(x, y - 1)], "holds label -1; labels must be class indices >= 0"),
+                         ([(x, y + 1)], r"label 5, and the model has 5 outputs; labels must be class indices in \[0, 5\)")):
+        with pytest.raises(FlatlensError, match=msg):
+            Objective(net, batches=batches)
+    obj = Objective(net, batches=[(torch.full_like(x, float("nan")), y)])
+    with pytest.raises(FlatlensError, match="Hessian-vector product is not finite"):
+        fl.hessian.eigenvalues(obj)
+    assert Objective(net, batches=[(x, y)]).n_forward == 0  # the label check is not a counted pass
+
+
 def test_param_space_moves_in_place_and_restores_bitwise():
     net = _bn_net()
     space = ParamSpace(net, select_parameters(net))

@@ -37,6 +37,34 @@ from flatlens.seeding import generator
 SPLITS_HELP = "train (source in splits), source-val (source out splits), target (all of the target domains), env{i}_in/out"
 
 
+def _checked_batches(batches: Any) -> list[tuple[Tensor, Tensor]]:
+    """Explicit ``[(x, y), ...]``: pairs of tensors with as many inputs as integer labels >= 0."""
+    out = []
+    for i, b in enumerate(batches if isinstance(batches, (list, tuple)) else [None]):
+        if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(t, Tensor) for t in b)):
+            raise FlatlensError(f"batches[{i}] is not an (inputs, labels) pair of tensors; pass batches=[(x, y), ...] "
+                                "(a list of pairs, also for one batch)")
+        x, y = b
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.ndim != 1:
+            raise FlatlensError(f"batches[{i}] labels are {y.dtype} of shape {tuple(y.shape)}; pass a 1-D integer "
+                                "tensor of class indices (e.g. y.long())")
+        if x.shape[:1] != y.shape:
+            raise FlatlensError(f"batches[{i}] holds {x.shape[0] if x.ndim else 0} inputs and {y.shape[0]} labels; "
+                                "pass one label per input")
+        if y.numel() and int(y.min()) < 0:
+            raise FlatlensError(f"batches[{i}] holds label {int(y.min())}; labels must be class indices >= 0")
+        out.append((x, y))
+    return out
+
+
+def _finite(out: Tensor) -> Tensor:
+    """An HVP that is not finite makes every measure meaningless: say so instead of letting Lanczos fail."""
+    if not bool(torch.isfinite(out).all()):
+        raise FlatlensError("a Hessian-vector product is not finite (nan/inf): the loss is not finite or "
+                            "overflows at these parameters; check the inputs and the checkpoint's weights")
+    return out
+
+
 def _live_parameters(model: nn.Module, names: list[str], space: str) -> list[str]:
     """``names`` without the step sizes of disabled quantizers (see :func:`inert_step_sizes`); a selection
     of nothing but those is a one-line error that says why and what to select instead."""
@@ -124,7 +152,7 @@ class Objective:
         self.batch_size = batch_size
         self.sample_ids: Tensor | None = None  # (n, 2): domain index, sample index
         if batches is not None:
-            self.batches = [(x.to(device), y.to(device)) for x, y in batches]
+            self.batches = [(x.to(device), y.to(device)) for x, y in _checked_batches(batches)]
             self.split = split if split != "source-val" or self.run is not None else "custom"
         elif self.run is not None:
             self.batches = self._load_batches(samples)
@@ -133,7 +161,7 @@ class Objective:
         self.n_local = sum(int(y.shape[0]) for _, y in self.batches)
         self.n_samples = int(self._reduce(torch.tensor([float(self.n_local)], dtype=torch.float64))[0])
         if self.n_samples == 0:
-            raise FlatlensError(f"split {split!r} holds no samples")
+            raise FlatlensError(f"split {self.split!r} holds no samples")
         if space == "latent" and quantized_model and _quantization_on(self.model):
             self.differentiated = "straight-through surrogate of the quantized model (latent weights)"
         elif space == "dequant":
@@ -148,6 +176,8 @@ class Objective:
         self.n_grad = 0
         self.n_hvp = 0
         self.seconds = 0.0
+        if batches is not None:
+            self._check_labels()
 
     # -- data ------------------------------------------------------------------------------------
     def _load_batches(self, samples: int | None) -> list[tuple[Tensor, Tensor]]:
@@ -206,6 +236,18 @@ class Objective:
             for m, f in flags.items():
                 m.training = f
             self.seconds += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _check_labels(self) -> None:
+        """Labels of explicit batches index the model's outputs: one forward of one sample gives the class
+        count (cross-entropy would otherwise fail deep inside with 'Target 5 is out of bounds')."""
+        x0 = next(x for x, y in self.batches if y.numel())
+        with self._eval():
+            classes = int(self.model(x0[:1]).shape[-1])
+        top = max(int(y.max()) for _, y in self.batches if y.numel())
+        if top >= classes:
+            raise FlatlensError(f"batches hold label {top}, and the model has {classes} outputs; labels must be "
+                                f"class indices in [0, {classes})")
 
     # -- values ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -298,14 +340,14 @@ class Objective:
     def hvp(self, v: Tensor) -> Tensor:
         """Flat ``H v`` (H = Hessian of the mean loss w.r.t. the space's parameters)."""
         with self._eval():
-            out = self._global(self.hvp_engine.hvp(v))
+            out = _finite(self._global(self.hvp_engine.hvp(v)))
         self.n_hvp += 1
         return out
 
     def hvp_block(self, V: Tensor) -> Tensor:
         """``H V`` for an ``n x b`` block (one pass over the data for all columns)."""
         with self._eval():
-            out = self._global(self.hvp_engine.hvp_batched(V))
+            out = _finite(self._global(self.hvp_engine.hvp_batched(V)))
         self.n_hvp += V.shape[1]
         return out
 
