@@ -84,6 +84,9 @@ def test_bad_explicit_batches_are_one_line_errors():
     with pytest.raises(FlatlensError, match="Hessian-vector product is not finite"):
         fl.hessian.eigenvalues(obj)
     assert Objective(net, batches=[(x, y)]).n_forward == 0  # the label check is not a counted pass
+    # a rank (or a caller) with only empty batches has nothing to check; the total count decides
+    with pytest.raises(FlatlensError, match="split 'custom' holds no samples"):
+        Objective(net, batches=[(x[:0], y[:0])])
 
 
 def test_param_space_moves_in_place_and_restores_bitwise():

@@ -241,7 +241,9 @@ class Objective:
     def _check_labels(self) -> None:
         """Labels of explicit batches index the model's outputs: one forward of one sample gives the class
         count (cross-entropy would otherwise fail deep inside with 'Target 5 is out of bounds')."""
-        x0 = next(x for x, y in self.batches if y.numel())
+        x0 = next((x for x, y in self.batches if y.numel()), None)
+        if x0 is None:  # this rank holds no samples (the others check theirs)
+            return
         with self._eval():
             classes = int(self.model(x0[:1]).shape[-1])
         top = max(int(y.max()) for _, y in self.batches if y.numel())
