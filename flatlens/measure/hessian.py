@@ -1162,6 +1162,8 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
        as well as Hutch++'s sketch of ``max_hvp / 3`` products does, for free here, so every trace HVP
        goes to the residual. The residual probes are drawn from the ``"trace"`` stream and are
        independent of ``Q`` (which comes from the ``"density"`` stream), so the estimate is unbiased.
+       A space of at most ``max_hvp`` dimensions gets :func:`trace`'s own ``krylov`` basis of all of them
+       instead (the exact trace in at most ``n`` HVPs, none shared), as :func:`trace` alone would.
 
     Results are :class:`EigenResult`, :class:`TraceEstimate` (``method="krylov"``, ``sketch_size`` = the
     basis dimension) and :class:`DensityResult`; the reused HVPs are recorded as ``shared_hvp`` (stored
@@ -1201,14 +1203,20 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
         if trace:
             bl = _blocks_for(src, layers, blocks)
             n0, t0 = op.n_matvec, time.perf_counter()
-            Q = st.basis.T  # n x m, orthonormal columns
-            raw = _deflated_hutchinson(op, bl, Q, st.image, rtol=rtol, layer_rtol=layer_rtol, layer_floor=layer_floor,
-                                       max_hvp=max_hvp, spent=0, min_samples=min_samples, block_size=block_size,
-                                       level=level, gen=seeded_generator(seed, "trace", 0))
-            del Q
+            gen = seeded_generator(seed, "trace", 0)
+            if op.n <= max_hvp:  # the budget covers the space: trace()'s exact basis of every dimension
+                raw = _krylov_trace(op, bl, rtol=rtol, layer_rtol=layer_rtol, layer_floor=layer_floor, max_hvp=max_hvp,
+                                    sketch_size=None, min_samples=min_samples, block_size=block_size, level=level,
+                                    seed=seed, gen=gen)
+            else:
+                Q = st.basis.T  # n x m, orthonormal columns
+                raw = _deflated_hutchinson(op, bl, Q, st.image, rtol=rtol, layer_rtol=layer_rtol,
+                                           layer_floor=layer_floor, max_hvp=max_hvp, spent=0, min_samples=min_samples,
+                                           block_size=block_size, level=level, gen=gen)
+                del Q
             tr_res = _trace_estimate(raw, src, bl, op.n_matvec - n0, time.perf_counter() - t0, seed, method="krylov",
                                      rtol=rtol, max_hvp=max_hvp, level=level, layer_rtol=layer_rtol,
-                                     layer_floor=layer_floor, shared_hvp=shared)
+                                     layer_floor=layer_floor, shared_hvp=0 if op.n <= max_hvp else shared)
     return SpectrumResult(density=dens, eigen=eig_res, trace=tr_res)
 
 
