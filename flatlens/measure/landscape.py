@@ -634,8 +634,8 @@ def _measure_flags() -> Iterator[None]:
     sharpness --measures landscape`` the same options are ``--landscape-range`` etc., so rename them."""
     try:
         yield
-    except FlatlensError as exc:
-        raise FlatlensError(_COMMAND_FLAG.sub(r"--landscape-\1", str(exc))) from None
+    except FlatlensError as exc:  # same class (StoreError, CheckpointError, ...), renamed flags
+        raise type(exc)(_COMMAND_FLAG.sub(r"--landscape-\1", str(exc))) from None
 
 
 def _measure_kind(args) -> str:
