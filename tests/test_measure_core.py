@@ -61,6 +61,9 @@ def test_step_sizes_of_disabled_quantizers_are_left_out_or_refused_in_one_line()
     for space, why in (("dequant", "space 'dequant' turns the weight quantizers off"),):
         with pytest.raises(FlatlensError, match=f"all step sizes of disabled quantizers: {why}"):
             Objective(net, batches=batches, space=space, include=("scales",))
+    with pytest.raises(FlatlensError, match="space 'scales' moves quantizer step sizes only, and the selection "
+                                            "holds '0.weight'"):  # its results would call a weight a step size
+        Objective(net, batches=batches, space="scales", select=r"^0\.weight$")
     fl.quant.set_quantization_enabled(net, False)  # a checkpoint from before quantization started
     with pytest.raises(FlatlensError, match="the quantizers of this model are off"):
         Objective(net, batches=batches, space="scales")

@@ -31,7 +31,7 @@ from flatlens import distributed as D
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import KERNELS, HessianVectorProduct, make_loss_fn
 from flatlens.measure.linalg import _check_int
-from flatlens.measure.params import ParamSpace, inert_step_sizes, select_parameters
+from flatlens.measure.params import ParamSpace, inert_step_sizes, parameter_groups, select_parameters
 from flatlens.seeding import generator
 
 SPLITS_HELP = "train (source in splits), source-val (source out splits), target (all of the target domains), env{i}_in/out"
@@ -67,7 +67,15 @@ def _finite(out: Tensor) -> Tensor:
 
 def _live_parameters(model: nn.Module, names: list[str], space: str) -> list[str]:
     """``names`` without the step sizes of disabled quantizers (see :func:`inert_step_sizes`); a selection
-    of nothing but those is a one-line error that says why and what to select instead."""
+    of nothing but those, or of anything but step sizes in ``scales`` space (whose results say they are
+    step sizes), is a one-line error that says why and what to select instead."""
+    if space == "scales":
+        steps = set(parameter_groups(model)["scales"])
+        other = [n for n in names if n not in steps]
+        if other:
+            raise FlatlensError(f"space 'scales' moves quantizer step sizes only, and the selection holds {other[0]!r}"
+                                + (f" and {len(other) - 1} more" if len(other) > 1 else "")
+                                + "; use space 'latent' (with include 'all' for weights and step sizes together)")
     inert = inert_step_sizes(model)
     live = [n for n in names if n not in inert]
     if not live:
