@@ -192,3 +192,17 @@ def test_default_measures_do_not_depend_on_import_order(monkeypatch):
     assert list(registry.builtin_measures())[0] == "landscape"
     args = build_parser("sharpness").parse_args(["sharpness", "ckpt.pt"])
     assert args.measures == "hessian,trace,density"
+
+
+def test_header_says_whether_there_is_batchnorm(tiny_run, tmp_path, capsys):
+    """The header named 'BatchNorm in eval mode' for every model, also DomainBed's GroupNorm MNIST-CNN."""
+    from conftest import tiny_config
+    from flatlens.engine.loop import train
+
+    gn = tmp_path / "gn"
+    train(tiny_config("model.arch=mnist_cnn", "train.steps=2"), gn, verbose=False)
+    for run, text in ((tiny_run, "; BatchNorm in eval mode (running statistics)"), (gn, "; no BatchNorm layers")):
+        rc = main(["sharpness", str(run / "model.pt"), "--measures", "hessian", "--samples", "16", "--kernel",
+                   "graph_reuse", "--eig-max-iter", "3", "--out", str(tmp_path / f"{run.name}.h5")])
+        header = capsys.readouterr().out.splitlines()[2]
+        assert rc == 0 and header.startswith("differentiated: float model") and header.endswith(text), header

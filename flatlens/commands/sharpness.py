@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from flatlens.errors import FlatlensError
     from flatlens.measure.registry import RunContext, builtin_measures, plan
     from flatlens.progress import Progress
+    from torch import nn
 
     measures = builtin_measures()
     names = [m.strip() for m in args.measures.split(",") if m.strip()]
@@ -109,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
         loss, acc, se = obj.loss_and_accuracy()
         t_forward = time.perf_counter() - t0
         say(f"loss {loss:.6f} ± {se:.6f}, accuracy {acc:.4f}; one pass over the samples takes {t_forward:.3f} s")
-        say(f"differentiated: {obj.differentiated}; BatchNorm in eval mode (running statistics)")
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in obj.model.modules())
+        say(f"differentiated: {obj.differentiated}"
+            + ("; BatchNorm in eval mode (running statistics)" if has_bn else "; no BatchNorm layers"))
         rows: list[tuple[str, str, str]] = []
         for step in plan(names, args):
             name = step.label
