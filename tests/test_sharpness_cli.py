@@ -141,12 +141,14 @@ def test_bad_input_is_a_one_line_error_exit_2(tiny_run, tmp_path, capsys, extra,
     (["--measures", "trace", "--max-hvp", "1"], "--max-hvp=1 is not an int >= 2"),
     (["--max-hvp", "0"], "--max-hvp=0 is not an int >= 1"),  # shared with density: 1 residual probe is allowed
     (["--measures", "trace", "--trace-level", "1.5"], "--trace-level=1.5 is outside (0, 1)"),
-    (["--measures", "trace", "--trace-rtol", "-1"], "--trace-rtol=-1.0 must be > 0"),
+    (["--measures", "trace", "--trace-rtol", "-1"], "--trace-rtol=-1.0 must be > 0; pass a relative CI half-width such "
+                                                   "as 0.01, or 0 for a fixed budget (spend --max-hvp)."),
     (["--measures", "trace", "--layer-rtol", "-0.5"], "--layer-rtol=-0.5 must be > 0"),
     (["--measures", "trace", "--trace-method", "xtrace", "--layer-rtol", "0.1"], "--layer-rtol needs per-layer"),
     (["--measures", "density", "--density-steps", "0"], "--density-steps=0 is not an int >= 1"),
     (["--measures", "density", "--density-grid", "1"], "--density-grid=1 is not an int >= 2"),
-    (["--measures", "density", "--density-sigma", "0"], "--density-sigma=0.0 must be > 0"),
+    (["--measures", "density", "--density-sigma", "0"],
+     "--density-sigma=0.0 must be > 0; pass a positive kernel width or leave it out for the default."),
 ])
 def test_bad_measure_options_fail_before_the_checkpoint_is_read(tmp_path, capsys, extra, message):
     """The measures' options are checked first and named by their flags: the checkpoint here does not

@@ -70,6 +70,11 @@ _API_NAME = re.compile(r"(?<![\w-])(" + "|".join(sorted(_CLI_FLAGS, key=len, rev
                        r"|(?<=\+ )(" + "|".join(_CLI_FLAGS) + r")\b")
 
 
+_CLI_HINTS = {"or None for a fixed budget": "or 0 for a fixed budget (spend --max-hvp)",
+              "or None for the default": "or leave it out for the default"}
+"""API hints whose ``None`` is written differently on the command line."""
+
+
 @contextmanager
 def _flag_errors() -> Iterator[None]:
     """The API's argument checks, run on the command line's values: a ValueError becomes a one-line
@@ -77,8 +82,10 @@ def _flag_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as exc:
-        line = str(exc).splitlines()[0]
-        raise FlatlensError(_API_NAME.sub(lambda m: _CLI_FLAGS[m.group(1) or m.group(2)], line)) from None
+        line = _API_NAME.sub(lambda m: _CLI_FLAGS[m.group(1) or m.group(2)], str(exc).splitlines()[0])
+        for api, cli in _CLI_HINTS.items():
+            line = line.replace(api, cli)
+        raise FlatlensError(line) from None
 
 
 def _check_hessian_cli(args: Any, names: list[str]) -> None:
