@@ -54,7 +54,11 @@ def test_step_sizes_of_disabled_quantizers_are_left_out_or_refused_in_one_line()
     with torch.no_grad():
         net(batches[0][0])  # lazy init of the quantizers
     steps = ["0.weight_quantizer.step_size", "4.weight_quantizer.step_size"]
-    assert Objective(net, batches=batches, space="latent", include=("all",)).space.names[-1] == steps[1]
+    lat = Objective(net, batches=batches, space="latent", include=("all",))
+    assert lat.space.names[-1] == steps[1]
+    assert lat.differentiated == ("straight-through surrogate of the quantized model (latent weights and step sizes, "
+                                  "LSQ gradient scale off)")
+    assert Objective(net, batches=batches).differentiated.endswith("(latent weights)")
     deq = Objective(net, batches=batches, space="dequant", include=("all",))  # weight quantizers off: no steps
     assert not set(steps) & set(deq.space.names) and "0.weight" in deq.space.names
     assert deq.hvp(torch.ones(deq.space.numel, dtype=torch.float32)).isfinite().all()

@@ -171,7 +171,9 @@ class Objective:
         if self.n_samples == 0:
             raise FlatlensError(f"split {self.split!r} holds no samples")
         if space == "latent" and quantized_model and _quantization_on(self.model):
-            self.differentiated = "straight-through surrogate of the quantized model (latent weights)"
+            steps = set(parameter_groups(self.model)["scales"]) & set(self.space.names)
+            self.differentiated = ("straight-through surrogate of the quantized model (latent weights"
+                                   + (" and step sizes, LSQ gradient scale off)" if steps else ")"))
         elif space == "dequant":
             self.differentiated = "float copy holding the quantized weights w_q (quantizers off)"
         elif space == "scales":
