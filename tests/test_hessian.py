@@ -316,6 +316,18 @@ def test_scales_space_hessian_is_the_surrogate_hessian_in_the_step_sizes(kernel)
                           atol=1e-10 * float(H_true.abs().max()))
 
 
+def test_a_tol_below_float32_rounding_says_so_instead_of_plain_converged():
+    """tol=1e-9 on a float32 model stops at the noise floor 100 eps max|theta| (~1e-5 relative): the summary
+    said just 'converged' next to a certified bound 10^4 x tol."""
+    net = _mlp().float()
+    obj = Objective(net, batches=[(x.float(), y) for x, y in _data()], include=("all",), kernel="double_backward")
+    eig = fl.hessian.eigenvalues(obj, k=1, tol=1e-9, max_iter=obj.space.numel)
+    assert eig.all_converged and eig.at_rounding_floor and float(eig.rel_error_bound[0]) > 1e-9
+    assert "converged to the rounding floor" in eig.summary()[-1][1]
+    ok = fl.hessian.eigenvalues(obj, k=1, tol=1e-3)
+    assert ok.all_converged and not ok.at_rounding_floor and ok.summary()[-1][1].endswith("converged")
+
+
 def test_forward_over_reverse_equals_double_backward_fp32():
     torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)).eval()

@@ -319,6 +319,14 @@ class EigenResult(_Stored):
                  "eigenvalue_start": self.start, "eigenvalue_n_grad": int(self.n_grad)}
         return ds, attrs
 
+    @property
+    def at_rounding_floor(self) -> bool:
+        """True when a top value was accepted at the noise floor ``100 eps max|theta|`` (Lanczos' default
+        ``atol``), not at ``tol``: its certified bound is then above ``tol`` (e.g. ``tol=1e-6`` on a
+        float32 model, whose floor is ~1e-5 relative). Only the residual rule compares bounds with tol."""
+        return (self.stop == "residual" and self.rel_error_bound.numel() > 0
+                and float(self.rel_error_bound.max()) > self.tol * (1 + 1e-9))
+
     def summary(self) -> list[tuple[str, str]]:
         rows = []
         gap = self.stop == "gap"  # then also show the estimate it stopped on
@@ -332,6 +340,9 @@ class EigenResult(_Stored):
             est = f"± {g:.1e} estimated (r^2/gap), ± {r:.1e} certified" if gap else f"± {r:.1e} certified"
             rows.append((f"lambda_min{'' if i == 0 else f'+{i}'}", f"{v:.6g}  ({est})"))
         state = "converged" if self.all_converged else "NOT converged (raise --eig-max-iter or --tol)"
+        if self.all_converged and self.at_rounding_floor:
+            state = ("converged to the rounding floor 100 eps max|theta| of the model's dtype, which is above "
+                     "tol: the HVPs cannot certify a smaller error (float64 can)")
         grad = f" + {self.n_grad} gradient" if self.n_grad else ""
         rows.append(("eigenvalue cost", f"{self.n_hvp} HVPs{grad}, {self.seconds:.2f} s, tol {self.tol:g}, "
                                         f"{self.start} start, {state}"))
