@@ -1215,7 +1215,8 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
             bl = _blocks_for(src, layers, blocks)
             n0, t0 = op.n_matvec, time.perf_counter()
             gen = seeded_generator(seed, "trace", 0)
-            if op.n <= max_hvp:  # the budget covers the space: trace()'s exact basis of every dimension
+            exact = op.n <= max_hvp  # the budget covers the space: trace()'s exact basis of every dimension
+            if exact:
                 raw = _krylov_trace(op, bl, rtol=rtol, layer_rtol=layer_rtol, layer_floor=layer_floor, max_hvp=max_hvp,
                                     sketch_size=None, min_samples=min_samples, block_size=block_size, level=level,
                                     seed=seed, gen=gen)
@@ -1227,7 +1228,7 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
                 del Q
             tr_res = _trace_estimate(raw, src, bl, op.n_matvec - n0, time.perf_counter() - t0, seed, method="krylov",
                                      rtol=rtol, max_hvp=max_hvp, level=level, layer_rtol=layer_rtol,
-                                     layer_floor=layer_floor, shared_hvp=0 if op.n <= max_hvp else shared)
+                                     layer_floor=layer_floor, shared_hvp=0 if exact else shared)
     return SpectrumResult(density=dens, eigen=eig_res, trace=tr_res)
 
 

@@ -56,6 +56,7 @@ from .linalg import SymmetricOperator
 __all__ = [
     "LossFn",
     "KERNELS",
+    "check_kernel",
     "make_loss_fn",
     "make_forward_fn",
     "HessianVectorProduct",
@@ -87,15 +88,23 @@ def _default_unpack(batch: Any) -> tuple[tuple, Any, int]:
     return (x,), y, n
 
 
+def check_kernel(kernel: str) -> str:
+    """``kernel`` is ``"auto"`` or one of :data:`KERNELS` (ValueError otherwise); returns it."""
+    if kernel != "auto" and kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}; pass 'auto' or one of {', '.join(KERNELS)}.")
+    return kernel
+
+
 def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callable[[Mapping[str, Tensor], tuple], Any]:
     """``forward(params, inputs) -> model(*inputs)`` with the parameters named in ``params`` swapped in.
 
     Parameters not in ``params`` enter as detached aliases (constants: no graph is built through them);
-    buffers are the module's own. LSQ quantizers run without their step-size gradient scale
-    (:func:`flatlens.quant.gradient_scale_off`), so derivatives in the step sizes are the loss's. A module in training mode is refused unless ``allow_training``, in
+    buffers are the module's own. A module in training mode is refused unless ``allow_training``, in
     which case buffers are passed as fresh copies so the module is not modified. This is the one place
     that calls the model functionally; :func:`make_loss_fn` and the per-sample Gauss-Newton passes
-    (:mod:`flatlens.measure.gauss_newton`) both go through it.
+    (:mod:`flatlens.measure.gauss_newton`) both go through it, so it is also where LSQ quantizers run
+    without their step-size gradient scale (:func:`flatlens.quant.gradient_scale_off`): every derivative
+    in a step size, in every measure, is the loss's own, not LSQ's ``g``-preconditioned one.
     """
     from flatlens.quant.lsq import gradient_scale_off
 
@@ -252,8 +261,7 @@ class HessianVectorProduct:
             batches = list(batches)
         if len(batches) == 0:
             raise ValueError("batches is empty; pass at least one batch.")
-        if kernel != "auto" and kernel not in KERNELS:
-            raise ValueError(f"kernel={kernel!r}; pass 'auto' or one of {', '.join(KERNELS)}.")
+        check_kernel(kernel)
         self.loss_fn = loss_fn
         self.names = list(params.keys())
         self._primal = {k: v.detach() for k, v in params.items()}

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from flatlens import distributed as D
 from flatlens.errors import FlatlensError
-from flatlens.measure.hvp import KERNELS, HessianVectorProduct, make_loss_fn
+from flatlens.measure.hvp import HessianVectorProduct, check_kernel, make_loss_fn
 from flatlens.measure.linalg import _check_int
 from flatlens.measure.params import ParamSpace, inert_step_sizes, parameter_groups, select_parameters
 from flatlens.seeding import generator
@@ -132,10 +132,9 @@ class Objective:
             batch_size = _check_int("--batch-size", batch_size, 1, "pass how many samples to evaluate at once")
             if samples is not None:
                 samples = _check_int("--samples", samples, 1, "pass how many samples to draw, or None for all")
+            check_kernel(kernel)  # here, not at the first HVP
         except ValueError as exc:
             raise FlatlensError(str(exc)) from None
-        if kernel != "auto" and kernel not in KERNELS:  # checked here, not at the first HVP
-            raise FlatlensError(f"kernel={kernel!r}; pass 'auto' or one of {', '.join(KERNELS)}")
         self.run = source if isinstance(source, Run) else None
         model = source.model if self.run is not None else source
         if not isinstance(model, nn.Module):
@@ -230,18 +229,14 @@ class Objective:
     def _eval(self) -> Iterator[None]:
         """Eval mode for the duration of a call; the caller's training flags come back afterwards.
 
-        LSQ's step-size gradient scale is off meanwhile (:func:`flatlens.quant.gradient_scale_off`):
-        with it, every derivative with respect to a step size came out multiplied by LSQ's training
-        preconditioner ``g = 1/sqrt(N Q_P)`` (squared in the Hessian), not the loss's own.
+        (LSQ's step-size gradient scale is off in every differentiated forward: see
+        :func:`flatlens.measure.hvp.make_forward_fn`, which all of them go through.)
         """
-        from flatlens.quant.lsq import gradient_scale_off
-
         flags = {m: m.training for m in self.model.modules()}
         self.model.eval()
         t0 = time.perf_counter()
         try:
-            with gradient_scale_off(self.model):
-                yield
+            yield
         finally:
             for m, f in flags.items():
                 m.training = f

@@ -49,7 +49,7 @@ and ``H`` the float Hessian at the fake-quantized point ``w_q``: symmetric, the 
 the unclipped weights, the step-size block ``r^T H r``. LSQ's gradient scale ``g`` is a preconditioner
 of the step-size *update*, not part of the loss; through it the step-size blocks came out scaled by
 ``g_l g_m`` (1e-4 to 1e-5 for 4-bit convolutions). The measures therefore run with it switched off
-(:func:`gradient_scale_off`, used by :class:`flatlens.measure.objective.Objective`); values are
+(:func:`gradient_scale_off`, used by :func:`flatlens.measure.hvp.make_forward_fn`); values are
 bitwise the same either way.
 """
 
