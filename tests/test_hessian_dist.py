@@ -42,6 +42,7 @@ def _worker(rank: int, world: int, init: str, model, batches, out: str) -> None:
         res = _measure(obj)
         if rank == 0:
             torch.save(res, out)
+        dist.barrier()  # both ranks done before either tears down its gloo connections
     finally:
         dist.destroy_process_group()
 
