@@ -25,9 +25,7 @@ reader (or a run killed mid-write) never sees a half-written checkpoint.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from flatlens import __version__
+from flatlens.atomic import atomic_write_bytes
 from flatlens.config import Config, config_from_dict
 from flatlens.data.base import MultiDomainDataset
 from flatlens.data.splits import Splits
@@ -44,29 +43,6 @@ from flatlens.errors import CheckpointError, ConfigError, DataError
 
 FORMAT = "flatlens-checkpoint"
 FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync, and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def to_plain(obj: Any) -> Any:

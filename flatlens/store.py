@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -32,6 +31,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from flatlens import __version__
+from flatlens.atomic import temp_file_beside
 from flatlens.errors import StoreError
 
 FORMAT = "flatlens-analysis"
@@ -93,12 +93,10 @@ def _copy_on_write(path: Path):
     class _Ctx:
         def __enter__(self):
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, self.tmp = temp_file_beside(path)  # with the mode of the file it replaces (not 0600)
             except OSError as exc:
                 raise StoreError(f"cannot write {path}: {_one_line(exc)}; choose another --out") from None
             os.close(fd)
-            self.tmp = Path(name)
             if path.exists():
                 shutil.copyfile(path, self.tmp)
                 self.f = h5py.File(self.tmp, "r+")

@@ -36,6 +36,21 @@ def test_user_errors(tmp_path, args, fragment):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+
+@pytest.mark.parametrize("args", [
+    ["sharpness", "m.pt", "--out", ""], ["landscape", "m.pt", "--out", " "], ["collect", ".", "--out", ""],
+    ["train", "--set", "train.steps=2", "--out", ""], ["export", "m.pt", ""], ["plot", "a.h5", "--out", ""],
+    ["ensemble", "a", "b", "--out", ""],
+])
+def test_empty_output_paths_are_refused(tmp_path, args):
+    """An empty --out was the default path (sharpness, landscape) or "write nothing" (collect,
+    ensemble) without a word; it is an argparse error naming the option (usage line, then the error)."""
+    proc = flatlens_cmd(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "empty path; give a file or directory name" in last and ("--out" in last or "argument out" in last), last
+    assert not any(tmp_path.iterdir())
+
 def test_bad_checkpoints(tmp_path):
     import torch
 

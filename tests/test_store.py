@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO
 from flatlens import store
+from flatlens.atomic import atomic_write_text
 from flatlens.errors import StoreError
 
 PROV = {"checkpoint_sha256": "a" * 64, "checkpoint": "/x/model.pt", "config": {"train": {"steps": 3}}}
@@ -70,6 +71,31 @@ def test_unwritable_out_paths_give_one_line_errors(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plain", "runs"]  # nothing half-written
 
 
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    """An analysis file (and any atomically written file) is created with 0666 less the umask (like any file the user writes), and a
+    rewrite keeps the mode the user gave it; mkstemp's private 0600 used to survive the rename."""
+    old = os.umask(0o022)
+    try:
+        p = tmp_path / "analysis.h5"
+        store.ensure_file(p, PROV)
+        assert p.stat().st_mode & 0o777 == 0o644
+        os.chmod(p, 0o640)
+        store.write_group(p, "hessian", {"eigenvalues": np.array([1.0])}, {"measure": "hessian"})
+        assert p.stat().st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        q = tmp_path / "sub" / "b.h5"  # a new directory too
+        store.ensure_file(q, PROV)
+        assert q.stat().st_mode & 0o777 == 0o664
+        t = tmp_path / "done"  # run-directory files and checkpoints take the same path
+        atomic_write_text(t, "x")
+        assert t.stat().st_mode & 0o777 == 0o664
+        os.chmod(t, 0o600)
+        atomic_write_text(t, "y")
+        assert t.stat().st_mode & 0o777 == 0o600 and t.read_text() == "y"
+    finally:
+        os.umask(old)
+
 def test_grid_datasets_resume(tmp_path):
     p = tmp_path / "a.h5"
     store.ensure_file(p, PROV)
@@ -88,6 +114,7 @@ def test_grid_datasets_resume(tmp_path):
 WRITER = r"""
 import sys, numpy as np
 from flatlens import store
+from flatlens.atomic import atomic_write_text
 p = sys.argv[1]
 store.ensure_file(p, {"checkpoint_sha256": "a" * 64})
 grid = store.GridDatasets(p, "grid")

@@ -23,3 +23,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text.lower() or action.nargs == 0:
             return text
         return super()._get_help_string(action)
+
+
+def path_arg(text: str) -> str:
+    """argparse ``type`` of a path option: refuses an empty value, which ``Path("")`` would silently
+    turn into the current directory (or a falsy test into "not given", i.e. the default path)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give a file or directory name")
+    return text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flatlens.commands import path_arg
 
 HELP = "tabulate target-domain accuracy over runs"
 """One line for ``flatlens --help`` (read without building this command's parser)."""
@@ -20,12 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("text", "markdown", "latex", "csv"), default="text")
     p.add_argument("--selection", default="training_domain_val,oracle,last",
                    help="comma-separated methods: training_domain_val, oracle, last")
-    p.add_argument("--out", help="also write the tables to this file")
+    p.add_argument("--out", type=path_arg, help="also write the tables to this file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flatlens.checkpoint import atomic_write_text
+    from flatlens.atomic import atomic_write_text
     from flatlens.engine.collect import build_tables, find_runs, format_tables
     from flatlens.engine.selection import TABLE_METHODS
     from flatlens.errors import FlatlensError

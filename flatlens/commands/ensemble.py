@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from flatlens.commands import path_arg
 
 HELP = "evaluate an ensemble (EoQ) of checkpoints on every domain split"
 """One line for ``flatlens --help`` (read without building this command's parser)."""
@@ -21,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                   "(their model.pt is used)")
     p.add_argument("--combine", choices=("logits", "probs"), default="logits",
                    help="average logits (QT-DoG Eq. 6, default) or softmax probabilities (EoA-style)")
-    p.add_argument("--out", help="also write the full result as JSON to this file")
+    p.add_argument("--out", type=path_arg, help="also write the full result as JSON to this file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for folder datasets")
@@ -29,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flatlens.checkpoint import atomic_write_text
+    from flatlens.atomic import atomic_write_text
     from flatlens.distributed import resolve_device
     from flatlens.engine.ensemble import evaluate_ensemble, format_result, load_members
     from flatlens.errors import ConfigError

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from flatlens.commands import path_arg
 
 HELP = "export a quantized checkpoint as integer codes + step sizes (.npz)"
 """One line for ``flatlens --help`` (read without building this command's parser)."""
@@ -25,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Export integer weights and step sizes of a QAT checkpoint to an .npz file and "
                                    "check that the dequantized export reproduces the fake-quant forward pass.")
     p.add_argument("checkpoint", help="a checkpoint written by flatlens train with quant.enabled (e.g. model.pt)")
-    p.add_argument("out", help="output file (.npz)")
+    p.add_argument("out", type=path_arg, help="output file (.npz)")
     p.add_argument("--split", default="target",
                    help="data for the check: target | source-val | train | env{i}_in | env{i}_out (default target)")
     p.add_argument("--batch-size", type=int, default=256, help="samples in the check batch (default 256)")
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from flatlens.checkpoint import atomic_write_bytes, load_checkpoint
+    from flatlens.atomic import atomic_write_bytes
+    from flatlens.checkpoint import load_checkpoint
     from flatlens.distributed import resolve_device
     from flatlens.errors import ConfigError, FlatlensError
     from flatlens.quant import (export_integer, iter_quantizers, load_integer_export, quantized_module_names,

@@ -15,7 +15,7 @@ import argparse
 import re
 from pathlib import Path
 
-from flatlens.commands import HelpFormatter
+from flatlens.commands import HelpFormatter, path_arg
 
 _NEGATIVE_RANGE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.eE+-]*:")
 
@@ -63,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     o.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     w = p.add_argument_group("output")
-    w.add_argument("--out", default=None, help="analysis file (default: analysis.h5 next to the checkpoint)")
+    w.add_argument("--out", default=None, type=path_arg, help="analysis file (default: analysis.h5 next to the checkpoint)")
     w.add_argument("--name", default=None, help="group /landscape/NAME (default: random_1d, random_2d, interpolation, "
                                                 "plane, pca_2d; _rK for repeat K)")
     w.add_argument("--block", type=int, default=0, help="points per block written (0: about one second of work)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flatlens.commands import HelpFormatter
+from flatlens.commands import HelpFormatter, path_arg
 
 
 HELP = "landscape figures (PNG/PDF) and exports from an analysis file"
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help=HELP,
                        description=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     p.add_argument("file", help="analysis file written by flatlens landscape / sharpness")
-    p.add_argument("--out", default=None, help="directory for the figures (default: FILE_figures next to FILE)")
+    p.add_argument("--out", default=None, type=path_arg, help="directory for the figures (default: FILE_figures next to FILE)")
     p.add_argument("--format", default="png,pdf", help="comma-separated: png, pdf, svg")
     p.add_argument("--group", default=None, help="only this landscape (name under /landscape)")
     p.add_argument("--compare", nargs="+", default=(), metavar="FILE2", help="draw the same landscapes of these files "

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from flatlens.commands import HelpFormatter
+from flatlens.commands import HelpFormatter, path_arg
 
 
 DEFAULT_MEASURES = ("hessian", "trace", "density")
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measures", default=",".join(DEFAULT_MEASURES),
                    help="comma-separated measures to run: " + ", ".join(measures))
     add_objective_arguments(p)
-    p.add_argument("--out", help="analysis file (default: analysis.h5 next to the checkpoint)")
+    p.add_argument("--out", type=path_arg, help="analysis file (default: analysis.h5 next to the checkpoint)")
     p.add_argument("--progress-every", type=float, default=15.0,
                    help="seconds between progress lines when stderr is not a terminal (0: every step)")
     for m in measures.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flatlens.commands import path_arg
 from flatlens.config import config_to_toml, describe_options, load_config
 
 
@@ -18,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML config file (sections data, model, optim, train, quant)")
     p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=300 quant.bits=4 (repeatable)")
-    p.add_argument("--out", help="run directory to create (or to resume with --resume)")
+    p.add_argument("--out", type=path_arg, help="run directory to create (or to resume with --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (starts it if nothing was saved yet); "
                         "without --config/--set the stored config is used")

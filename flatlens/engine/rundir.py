@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from flatlens import __version__
-from flatlens.checkpoint import atomic_write_text, config_of, read_checkpoint
+from flatlens.atomic import atomic_write_text
+from flatlens.checkpoint import config_of, read_checkpoint
 from flatlens.config import Config, config_to_toml, diff_configs, load_config
 from flatlens.errors import ResumeError, RunDirError
 
