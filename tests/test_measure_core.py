@@ -73,6 +73,10 @@ def test_step_sizes_of_disabled_quantizers_are_left_out_or_refused_in_one_line()
         Objective(net, batches=batches, space="scales")
     lat = Objective(net, batches=batches, space="latent", include=("all",))
     assert not set(steps) & set(lat.space.names)
+    deq = Objective(net, batches=batches, space="dequant")  # the float model: nothing is rounded
+    assert deq.loss() == lat.loss() and deq.differentiated.startswith("float model (its weight quantizers are off")
+    v = torch.ones(deq.space.numel)
+    assert torch.equal(deq.hvp(v), Objective(net, batches=batches).hvp(v))
 
 
 def test_bad_explicit_batches_are_one_line_errors():

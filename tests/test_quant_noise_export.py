@@ -216,3 +216,25 @@ def test_dequantized_copy_is_the_dequant_space():
     assert torch.equal(dequantized_copy(net_a)(xa), net_a(xa))
     deq_off = dequantized_copy(net_a, keep_activation_quantizers=False)
     assert all(not q.is_enabled() for _, q in iter_quantizers(deq_off))
+
+
+def test_dequantized_copy_leaves_weights_of_disabled_quantizers_float():
+    """A disabled weight quantizer does not round its weight in the model's forward (a checkpoint from
+    before quantization started, a layer kept in float); the dequant copy used to round it anyway and
+    so measured a model that was never evaluated."""
+    net, x = model_for_export(activations=False)
+    named = list(iter_quantizers(net, "weight"))
+    named[0][1].set_enabled(False)
+    out = net(x)
+    deq = dequantized_copy(net)
+    assert torch.equal(deq(x), out)
+    off = named[0][0].rsplit(".", 1)[0]
+    for name, m in net.named_modules():
+        if hasattr(m, "weight_quantizer"):
+            md = deq.get_submodule(name)
+            expected = m.weight if name == off else m.weight_quantizer(m.weight).detach()
+            assert torch.equal(md.weight, expected), name
+    for _, q in named:
+        q.set_enabled(False)
+    deq = dequantized_copy(net)
+    assert all(torch.equal(a, b) for a, b in zip(deq.parameters(), net.parameters()))

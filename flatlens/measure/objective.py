@@ -145,8 +145,9 @@ class Objective:
         if space in ("dequant", "scales") and not quantized_model:
             raise FlatlensError(f"space {space!r} needs a quantized model, and this one has no quantizers; use space=latent")
         if space == "dequant":
-            from flatlens.quant import dequantized_copy
+            from flatlens.quant import dequantized_copy, iter_quantizers
 
+            weights_rounded = any(q.is_enabled() for _, q in iter_quantizers(model, "weight"))
             model = dequantized_copy(model)
         self.model = model.to(device)
         if space == "scales" and tuple(include) == ("weights",) and select is None:
@@ -173,6 +174,9 @@ class Objective:
             steps = set(parameter_groups(self.model)["scales"]) & set(self.space.names)
             self.differentiated = ("straight-through surrogate of the quantized model (latent weights"
                                    + (" and step sizes, LSQ gradient scale off)" if steps else ")"))
+        elif space == "dequant" and not weights_rounded:
+            self.differentiated = ("float model (its weight quantizers are off in this checkpoint, so the dequant "
+                                   "copy holds the float weights)")
         elif space == "dequant":
             self.differentiated = "float copy holding the quantized weights w_q (quantizers off)"
         elif space == "scales":

@@ -127,14 +127,19 @@ def dequantized_copy(model: nn.Module, *, keep_activation_quantizers: bool = Tru
     """A deep copy whose quantized weights hold their fake-quantized values ``w_q`` and whose weight
     quantizers are disabled -- the ``dequant`` analysis space (perturb ``w_q`` in float).
 
-    Parameter names are unchanged (``<module>.weight``). With ``keep_activation_quantizers`` (default)
-    input-activation quantizers keep their state, so the copy computes exactly the model's function at
-    the centre; pass False to disable them too. ``model`` is not modified.
+    Only weights whose quantizer is enabled are rounded: a disabled quantizer (a checkpoint from before
+    quantization started, a layer kept in float) does not round its weight in the model's forward, so
+    the copy keeps that weight as it is. Parameter names are unchanged (``<module>.weight``). With
+    ``keep_activation_quantizers`` (default) input-activation quantizers keep their state, so the copy
+    computes exactly the model's function at the centre; pass False to disable them too. ``model`` is
+    not modified.
     """
     new = copy.deepcopy(model)
     for _, m in new.named_modules():
         if isinstance(m, QUANT_MODULE_TYPES):
             q = m.weight_quantizer
+            if not q.is_enabled():
+                continue
             if not q.is_initialized():
                 raise ValueError("a weight quantizer is not initialized; cannot build the dequantized copy")
             m.weight.copy_(q.dequantize(q.quantize_int(m.weight)))
