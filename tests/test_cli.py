@@ -51,6 +51,16 @@ def test_empty_output_paths_are_refused(tmp_path, args):
     assert "empty path; give a file or directory name" in last and ("--out" in last or "argument out" in last), last
     assert not any(tmp_path.iterdir())
 
+
+@pytest.mark.parametrize("command", ["sharpness", "landscape"])
+def test_a_seed_no_result_file_could_record_is_refused_at_once(tmp_path, command):
+    """--seed 10**20 ran the whole measurement and then failed inside h5py ("Object dtype ... has no
+    native HDF5 equivalent")."""
+    proc = flatlens_cmd(command, "m.pt", "--seed", str(10**20), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "argument --seed: 100000000000000000000 does not fit in 64 bits" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_bad_checkpoints(tmp_path):
     import torch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -179,6 +180,14 @@ def test_objective_on_a_checkpoint(tiny_run):
     b = Objective(run, split="target", samples=50, seed=3)
     c = Objective(run, split="target", samples=50, seed=4)
     assert a.n_samples == 50 and a.subset_sha256() == b.subset_sha256() != c.subset_sha256()
+    # a numpy or 0-d tensor seed draws what the int draws (np.int64's repr used to give another subset)
+    for same in (np.int64(3), torch.tensor(3)):
+        d = Objective(run, split="target", samples=50, seed=same)
+        assert d.subset_sha256() == a.subset_sha256() and type(d.seed) is int
+    for bad, what in ((1.5, "is not an int"), (True, "is not an int"), ("3", "is not an int"),
+                      (2**63, "does not fit in 64 bits")):  # were hashed as their repr / failed in h5py at the end
+        with pytest.raises(FlatlensError, match=f"seed=.* {what}"):
+            Objective(run, split="target", samples=50, seed=bad)
     assert set(a.sample_ids[:, 0].tolist()) == {0}
     info = a.describe()
     assert info["checkpoint_sha256"] == run.sha256 and info["param_names"] == a.space.names

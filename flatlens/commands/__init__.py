@@ -25,6 +25,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def seed_arg(text: str) -> int:
+    """argparse ``type`` of ``--seed``: an int that a result file can record (64 bits), checked before any
+    work (a seed of 10**20 used to fail in h5py after the whole measurement)."""
+    from flatlens.errors import FlatlensError
+    from flatlens.seeding import check_seed
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    try:
+        return check_seed(value)
+    except FlatlensError:
+        raise argparse.ArgumentTypeError(f"{value} does not fit in 64 bits; pass one in [-2**63, 2**63)") from None
+
+
 def path_arg(text: str) -> str:
     """argparse ``type`` of a path option: refuses an empty value, which ``Path("")`` would silently
     turn into the current directory (or a falsy test into "not given", i.e. the default path)."""

@@ -15,7 +15,7 @@ import argparse
 import re
 from pathlib import Path
 
-from flatlens.commands import HelpFormatter, path_arg
+from flatlens.commands import HelpFormatter, path_arg, seed_arg
 
 _NEGATIVE_RANGE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.eE+-]*:")
 
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--plane", nargs=2, default=None, metavar=("CKPT2", "CKPT3"), help="the plane through three checkpoints")
     g.add_argument("--pca", default=None, metavar="RUN_DIR",
                    help="principal plane of the checkpoints a run saved (train.keep_checkpoints=true)")
-    g.add_argument("--seed", type=int, default=0, help="base seed of random directions (and of the sample subset)")
+    g.add_argument("--seed", type=seed_arg, default=0, help="base seed of random directions (and of the sample subset)")
     g.add_argument("--repeat", type=int, default=0, help="repeat k of a random surface uses seed --seed + k")
     g.add_argument("--orthogonalize", action="store_true", help="Gram-Schmidt the y direction against x")
     g.add_argument("--bn-stats", default=None, choices=("interpolate", "origin"),

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from flatlens.commands import HelpFormatter, path_arg
+from flatlens.commands import HelpFormatter, path_arg, seed_arg
 
 
 DEFAULT_MEASURES = ("hessian", "trace", "density")
@@ -56,7 +56,7 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
                    help="parameter groups: comma-separated of weights, biases, norm, scales, all")
     g.add_argument("--params", default=None, help="regular expression on parameter names (overrides --include)")
     g.add_argument("--exclude", default=None, help="regular expression of parameter names to leave out")
-    g.add_argument("--seed", type=int, default=0, help="base seed of the sample subset and of every random draw")
+    g.add_argument("--seed", type=seed_arg, default=0, help="base seed of the sample subset and of every random draw")
     g.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     g.add_argument("--kernel", default="auto", choices=("auto", "graph_reuse", "double_backward", "forward_over_reverse"),
                    help="HVP kernel (auto: time each on one batch and keep the fastest)")

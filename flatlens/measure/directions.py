@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from flatlens.errors import FlatlensError
 from flatlens.measure.params import parameter_groups
-from flatlens.seeding import generator
+from flatlens.seeding import check_seed, generator
 
 NORMS = ("filter", "layer", "none")
 KINDS = ("random", "interpolation", "plane", "pca")
@@ -193,6 +193,8 @@ def random_directions(names: Sequence[str], origin: Sequence[Tensor], dims: int 
         raise FlatlensError(f"--dim must be 1 or 2, got {dims}")
     if repeat < 0:
         raise FlatlensError(f"--repeat must be >= 0, got {repeat}")
+    seed = check_seed(seed)
+    check_seed(seed + int(repeat), "seed + repeat")  # the direction seed, recorded
     shapes = [tuple(w.shape) for w in origin]
     axes, zero_filters = [], 0
     for axis in AXES[:dims]:

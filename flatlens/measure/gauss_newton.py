@@ -52,7 +52,7 @@ from torch import Tensor
 from flatlens import distributed as D
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import make_forward_fn
-from flatlens.seeding import generator as seeded_generator
+from flatlens.seeding import check_seed, generator as seeded_generator
 
 __all__ = ["PiecewiseLinearCheck", "GaussNewtonDiagonal", "check_piecewise_linear", "hessian_diagonal",
            "softmax_hessian_factor", "predicted_seconds"]
@@ -217,7 +217,7 @@ def check_piecewise_linear(obj: Any, *, n_samples: int = 2, rtol: float = 1e-3, 
     forward = make_forward_fn(obj.model)
     leaves = _leaves(obj)
     names = list(leaves)
-    gen = seeded_generator(seed, "gauss-newton-check", 0)
+    gen = seeded_generator(check_seed(seed), "gauss-newton-check", 0)
     dirs = [(torch.randint(0, 2, tuple(p.shape), generator=gen).to(p.dtype) * 2 - 1).to(p.device) for p in leaves.values()]
     q_h = torch.zeros(len(names), dtype=torch.float64, device=obj.device)
     q_r = torch.zeros_like(q_h)

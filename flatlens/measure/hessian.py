@@ -80,7 +80,7 @@ from flatlens import store
 from flatlens.errors import FlatlensError
 from flatlens.measure import linalg as L
 from flatlens.measure.params import SideEffectError
-from flatlens.seeding import generator as seeded_generator
+from flatlens.seeding import check_seed, generator as seeded_generator
 
 __all__ = [
     "EigenResult", "PowerResult", "TraceEstimate", "LayerTraces", "QuantNoise", "DensityResult",
@@ -179,12 +179,6 @@ class _Counted(L.SymmetricOperator):
             return out
 
         super().__init__(mv, op.n, dtype=op.dtype, device=op.device, matmat=mm, name=op.name)
-
-
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise FlatlensError(f"seed={seed!r} is not an int; pass e.g. seed=0")
-    return int(seed)
 
 
 @contextmanager
@@ -571,7 +565,7 @@ def eigenvalues(obj: Any, k: int = 1, k_bottom: int = 0, *, tol: float = 1e-3, s
     The gradient costs nothing under the ``graph_reuse`` kernel (it comes with the retained graphs)
     and one forward+backward otherwise (``n_grad``). Same certificate either way.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     src = _source(obj)
     if bottom_norm_tol is None and k_bottom:
         bottom_norm_tol = tol
@@ -637,7 +631,7 @@ def power_iteration(obj: Any, k: int = 1, *, tol: float = 1e-3, max_iter: int = 
     Uncertified: it stops when the Rayleigh quotient changes by less than ``tol`` (relative), and it
     converges to the largest-*magnitude* eigenvalue. Use :func:`eigenvalues` for measurements.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     src = _source(obj)
     op = _Counted(src.op, progress)
     with src.guard(), _user_errors():
@@ -972,7 +966,7 @@ def trace(obj: Any, method: str = "krylov", *, rtol: float | None = 0.01, max_hv
             ``loop``; see :func:`flatlens.measure.gauss_newton.hessian_diagonal`). ``auto`` picks by
             timing, so pin the stored ``trace_per_sample`` to repeat a result bit for bit.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if method not in TRACE_METHODS:
         raise FlatlensError(f"trace method {method!r} unknown; choose from {', '.join(TRACE_METHODS)}")
     src = _source(obj, hvp=method != "gauss-newton")
@@ -1100,7 +1094,7 @@ def density(obj: Any, n_probes: int = 3, n_steps: int = 30, *, grid: int | Tenso
     widened by their residuals (no extra HVPs). At ~100 HVPs, 3 x 30 beats PyHessian's 1 x 100 (whose
     ``density()`` crashes on torch 2.x anyway) on the Wasserstein distance to the exact spectrum.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     src = _source(obj)
     op = _Counted(src.op, progress)
     with src.guard(), _user_errors():
@@ -1182,7 +1176,7 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
     The eigenvalues come from the density's start vector, so they differ (within their certificates)
     from :func:`eigenvalues` with the same seed.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     src = _source(obj)
     op = _Counted(src.op, progress)
     with src.guard(), _user_errors():

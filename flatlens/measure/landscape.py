@@ -60,6 +60,7 @@ from flatlens.measure.directions import (
 )
 from flatlens.measure.grid import Axis, Schedule, parse_range, schedule
 from flatlens.measure.params import ParamSpace
+from flatlens.seeding import check_seed
 
 GROUP_PREFIX = "landscape"
 VALUE_NAMES = ("loss", "accuracy", "loss_stderr")
@@ -254,6 +255,7 @@ def surface(obj, dims: int | None = None, grid: str | Axis | None = None, y_grid
     from flatlens import store
 
     _check_counts(repeat, block_size)
+    seed = check_seed(seed)
     say = log or (lambda _m: None)
     world = D.current()
     share = world.distributed and not obj.ctx.distributed  # unsharded Objective: share points over ranks

@@ -32,7 +32,7 @@ from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import HessianVectorProduct, check_kernel, make_loss_fn
 from flatlens.measure.linalg import _check_int
 from flatlens.measure.params import ParamSpace, inert_step_sizes, parameter_groups, select_parameters
-from flatlens.seeding import generator
+from flatlens.seeding import check_seed, generator
 
 SPLITS_HELP = "train (source in splits), source-val (source out splits), target (all of the target domains), env{i}_in/out"
 
@@ -131,8 +131,9 @@ class Objective:
         try:
             batch_size = _check_int("--batch-size", batch_size, 1, "pass how many samples to evaluate at once")
             if samples is not None:
-                samples = _check_int("--samples", samples, 1, "pass how many samples to draw, or None for all")
+                samples = _check_int("--samples", samples, 1, "pass how many samples to draw (leave it out for all)")
             check_kernel(kernel)  # here, not at the first HVP
+            seed_value = check_seed(seed)  # the subset's stream: np.int64(3) must draw what 3 draws
         except ValueError as exc:
             raise FlatlensError(str(exc)) from None
         self.run = source if isinstance(source, Run) else None
@@ -156,7 +157,7 @@ class Objective:
                                                                                          exclude), space), space)
         self.selection = {"include": list(include), "select": select or "", "exclude": exclude or ""}
         self.split = split
-        self.seed = seed
+        self.seed = seed_value
         self.batch_size = batch_size
         self.sample_ids: Tensor | None = None  # (n, 2): domain index, sample index
         if batches is not None:
