@@ -46,6 +46,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     except (RuntimeError, TypeError, ValueError):
         raise DistributedError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N "
                                "(--device, or train.device in the config)") from None
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, meta...: torch accepts the name, flatlens is not built for it
+        raise DistributedError(f"device {name!r} is not supported: flatlens runs on cpu or cuda; use auto, cpu, "
+                               "cuda or cuda:N (--device, or train.device in the config)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DistributedError(f"device {name!r} asked but CUDA is not available here; use cpu "

@@ -114,6 +114,8 @@ def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run
     (["--measures", "trace", "--trace-method", "xtrace", "--layer-rtol", "0.1"], "--layer-rtol needs per-layer"),
     (["--out", "DIR"], "is a directory; give --out a file path"),
     (["--device", "tpu"], "device 'tpu' is not a device"),
+    (["--device", "mps"], "device 'mps' is not supported: flatlens runs on cpu or cuda"),  # was a traceback
+    (["--device", "meta"], "device 'meta' is not supported"),
     (["--device", "cuda:99"], "device 'cuda:99' asked but"),
     (["--batch-size", "0"], "--batch-size=0 is not an int >= 1"),
     (["--tol", "2"], "must be < 1"),
