@@ -207,6 +207,12 @@ def _same_attr(stored: Any, new: Any) -> bool:
     return a == b
 
 
+def differing_attrs(a: Mapping[str, Any], b: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """The ``keys`` whose values differ between two attribute mappings as the file would store them
+    (a key present in one only counts as differing)."""
+    return [k for k in keys if (k in a) != (k in b) or (k in a and not _same_attr(attr_value(a[k]), b[k]))]
+
+
 def merge_group(path: str | Path, name: str, datasets: Mapping[str, Any], attrs: Mapping[str, Any], *,
                 match: Iterable[str], drop: Iterable[str] = (), drop_attr_prefixes: Iterable[str] = (),
                 finalize: Any = None) -> bool:

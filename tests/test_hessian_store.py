@@ -105,6 +105,19 @@ def test_second_write_merges_or_replaces(tmp_path, results):
         fl.hessian.write(p)
     with pytest.raises(FlatlensError, match="cannot store a PowerResult"):
         fl.hessian.write(p, fl.hessian.power_iteration(other))
+    # within ONE write, results of two setups (or two of a kind) used to replace each other silently:
+    # write(p, eig_on_A, trace_on_B) left only B's trace
+    before = fl.hessian.read(p)
+    with pytest.raises(FlatlensError, match=r"the EigenResult and the TraceEstimate were measured on different "
+                                            r"setups \(subset_sha256: .*write them to different files"):
+        fl.hessian.write(p, eig, t2)
+    with pytest.raises(FlatlensError, match="seed: 2 vs 3"):
+        fl.hessian.write(p, fl.hessian.eigenvalues(other, seed=2), t3)
+    with pytest.raises(FlatlensError, match="got EigenResult more than once"):
+        fl.hessian.write(tmp_path / "new.h5", eig, eig0)
+    assert not (tmp_path / "new.h5").exists()
+    after = fl.hessian.read(p)
+    assert after["trace"] == before["trace"] and after["attrs"]["seed"] == before["attrs"]["seed"]
 
 
 def test_failed_merge_leaves_the_file_untouched(tmp_path, results):

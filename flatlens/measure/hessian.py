@@ -1260,15 +1260,35 @@ def write(path: str | Path, *results: _Stored) -> Path:
         if not isinstance(r, _Stored):
             raise FlatlensError(f"cannot store a {type(r).__name__} in /{GROUP}; pass EigenResult, TraceEstimate "
                                 "or DensityResult")
-    p = Path(path)
-    store.ensure_file(p, results[0].root)
     for r in results:
         if r.root.get("checkpoint_sha256") != results[0].root.get("checkpoint_sha256"):
             raise FlatlensError("results of different checkpoints cannot share one analysis file; write them apart")
-        datasets, attrs = r.to_store()
+    kinds = [type(r).__name__ for r in results]
+    twice = sorted({k for k in kinds if kinds.count(k) > 1})
+    if twice:
+        raise FlatlensError(f"write() got {', '.join(twice)} more than once; the later would replace the earlier "
+                            "in the file; pass one result of each kind (write the others to another file)")
+    stored = [r.to_store() for r in results]
+    for r, (_, attrs) in zip(results[1:], stored[1:]):
+        # one group holds one function's measures; a second setup would replace the group (losing the first)
+        differ = store.differing_attrs(stored[0][1], attrs, SHARED_KEYS)
+        if differ:
+            first = stored[0][1]
+            shown = "; ".join(f"{k}: {_short(first.get(k))} vs {_short(attrs.get(k))}" for k in differ[:3])
+            raise FlatlensError(f"the {kinds[0]} and the {type(r).__name__} were measured on different setups "
+                                f"({shown}), and one /{GROUP} group holds one setup; write them to different files")
+    p = Path(path)
+    store.ensure_file(p, results[0].root)
+    for r, (datasets, attrs) in zip(results, stored):
         store.merge_group(p, GROUP, datasets, attrs, match=SHARED_KEYS, drop=r.OWNED, drop_attr_prefixes=r.PREFIXES,
                           finalize=_finalize)
     return p
+
+
+def _short(value: Any) -> str:
+    """A stored attribute for an error message, cut to 40 characters."""
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read(path: str | Path) -> dict[str, Any]:
