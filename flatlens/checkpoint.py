@@ -25,6 +25,7 @@ reader (or a run killed mid-write) never sees a half-written checkpoint.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ def file_sha256(path: str | Path) -> str:
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a flatlens checkpoint safely (``weights_only=True``) and check its header."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"a checkpoint path is a str or Path, not {type(path).__name__}; pass e.g. "
+                              "'runs/erm/model.pt'")
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p} (give the path of a .pt file written by `flatlens train`)")
@@ -171,8 +175,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: 
     from flatlens.data import build_dataset, make_splits
     from flatlens.network import build_network
 
+    ckpt = read_checkpoint(path)  # checks that path is a path
     p = Path(path)
-    ckpt = read_checkpoint(p)
     cfg = config_of(ckpt, p)
     dataset = splits = None
     if data:

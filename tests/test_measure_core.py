@@ -200,3 +200,16 @@ def test_objective_on_a_checkpoint(tiny_run):
             Objective(run, samples=bad)
     with pytest.raises(FlatlensError, match="kernel='fast'; pass 'auto' or one of"):  # at once, not at the first HVP
         Objective(run, kernel="fast")
+    # more of the notebook API's bad or CLI-style inputs (were TypeErrors, a torch RuntimeError, a re.error,
+    # or include="weights" read as the groups 'w', 'e', 'i', ...)
+    assert Objective(run, samples=8, include="weights,biases").space.names == \
+        Objective(run, samples=8, include=("weights", "biases")).space.names
+    assert Objective(run, samples=8, device="auto").device == torch.device("cpu")
+    for kwargs, message in (({"split": 3}, "split=3 is not a split name"),
+                            ({"device": "gpu"}, "device 'gpu' is not a device"),
+                            ({"exclude": "["}, r"--exclude regex '\[' is invalid"),
+                            ({"include": "weight"}, r"unknown parameter group\(s\) \['weight'\]")):
+        with pytest.raises(FlatlensError, match=message):
+            Objective(run, samples=8, **kwargs)
+    with pytest.raises(FlatlensError, match="a checkpoint path is a str or Path, not NoneType"):
+        fl.load_checkpoint(None)

@@ -31,7 +31,9 @@ from flatlens import distributed as D
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import HessianVectorProduct, check_kernel, make_loss_fn
 from flatlens.measure.linalg import _check_int
-from flatlens.measure.params import ParamSpace, inert_step_sizes, parameter_groups, select_parameters
+from flatlens.measure.params import (
+    ParamSpace, include_groups, inert_step_sizes, parameter_groups, select_parameters,
+)
 from flatlens.seeding import check_seed, generator
 
 SPLITS_HELP = "train (source in splits), source-val (source out splits), target (all of the target domains), env{i}_in/out"
@@ -134,12 +136,16 @@ class Objective:
                 samples = _check_int("--samples", samples, 1, "pass how many samples to draw (leave it out for all)")
             check_kernel(kernel)  # here, not at the first HVP
             seed_value = check_seed(seed)  # the subset's stream: np.int64(3) must draw what 3 draws
+            if not isinstance(split, str):
+                raise ValueError(f"split={split!r} is not a split name; pass e.g. 'source-val', 'target' or 'env0_out'")
         except ValueError as exc:
             raise FlatlensError(str(exc)) from None
         self.run = source if isinstance(source, Run) else None
         model = source.model if self.run is not None else source
         if not isinstance(model, nn.Module):
             raise FlatlensError("Objective needs a flatlens Run (fl.load_checkpoint) or an nn.Module with batches=")
+        if isinstance(device, str):  # the names --device takes ("auto", "cuda" = this rank's GPU), checked
+            device = D.resolve_device(device, self.ctx.local_rank)
         device = torch.device(device) if device is not None else next(model.parameters()).device
         self.device = device
         quantized_model = _has_quantizers(model)
@@ -151,7 +157,8 @@ class Objective:
             weights_rounded = any(q.is_enabled() for _, q in iter_quantizers(model, "weight"))
             model = dequantized_copy(model)
         self.model = model.to(device)
-        if space == "scales" and tuple(include) == ("weights",) and select is None:
+        include = include_groups(include)
+        if space == "scales" and include == ("weights",) and select is None:
             include = ("scales",)
         self.space = ParamSpace(self.model, _live_parameters(self.model, select_parameters(self.model, include, select,
                                                                                          exclude), space), space)

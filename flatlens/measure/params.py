@@ -86,10 +86,19 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+def include_groups(include: str | Sequence[str]) -> tuple[str, ...]:
+    """``include`` as a tuple of group names: a string is read as ``--include`` writes it
+    (``"weights"``, ``"weights,biases"``), not as a sequence of its characters."""
+    if isinstance(include, str):
+        return tuple(g.strip() for g in include.split(",") if g.strip())
+    return tuple(include)
+
+
 def select_parameters(model: nn.Module, include: Sequence[str] = ("weights",), select: str | None = None,
                       exclude: str | None = None) -> list[str]:
     """Parameter names chosen by groups or by a regex (see module docstring); errors if empty."""
     groups = parameter_groups(model)
+    include = include_groups(include)
     if select:
         try:
             pattern = re.compile(select)
@@ -103,7 +112,10 @@ def select_parameters(model: nn.Module, include: Sequence[str] = ("weights",), s
         chosen = set().union(*(groups[g] for g in include))
         names = [n for n in groups["all"] if n in chosen]
     if exclude:
-        pattern = re.compile(exclude)
+        try:
+            pattern = re.compile(exclude)
+        except re.error as exc:
+            raise FlatlensError(f"--exclude regex {exclude!r} is invalid: {exc}") from None
         names = [n for n in names if not pattern.search(n)]
     if not names:
         raise FlatlensError(f"the parameter selection (include={list(include)}, select={select!r}, "
