@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flatlens import plot  # noqa: E402
+from flatlens.errors import FlatlensError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,14 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.labels and len(args.labels) != len(args.files):
         p.error("give one label per file")
     formats = [f for f in args.format.split(",") if f]
-    shared = set(plot.list_surfaces(args.files[0]))
-    for f in args.files[1:]:
-        shared &= set(plot.list_surfaces(f))
-    for name in [args.group] if args.group else sorted(shared):
-        surfaces = [plot.load_surface(f, name, args.labels[k] if args.labels else None) for k, f in enumerate(args.files)]
-        for out in plot.plot_compare(surfaces, Path(args.out) / f"compare_{name}", formats, log=args.log):
-            print(out)
-    return 0
+
+    def draw() -> list[Path]:
+        held = [plot.list_surfaces(f) for f in args.files]
+        shared = sorted(set(held[0]).intersection(*held[1:]))
+        if not (args.group or shared):
+            raise FlatlensError("the files share no landscape name (" + "; ".join(
+                f"{f}: {', '.join(h) or 'none'}" for f, h in zip(args.files, held)) + "); compute the same "
+                "landscape (flatlens landscape ... --name NAME) into each")
+        written = []
+        for name in [args.group] if args.group else shared:
+            surfaces = [plot.load_surface(f, name, args.labels[k] if args.labels else None)
+                        for k, f in enumerate(args.files)]
+            written += plot.plot_compare(surfaces, Path(args.out) / f"compare_{name}", formats, log=args.log)
+        return written
+
+    return plot.run_figure_script(draw)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flatlens import plot  # noqa: E402
-from flatlens.errors import FlatlensError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or [Path(f).parent.name or Path(f).stem for f in args.files]
     if len(labels) != len(args.files):
         p.error("give one label per file")
-    try:
-        written = plot.plot_spectrum(args.files, labels, Path(args.out) / args.name, args.format.split(","))
-    except FlatlensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for w in written:
-        print(w)
-    return 0
+    return plot.run_figure_script(lambda: plot.plot_spectrum(args.files, labels, Path(args.out) / args.name,
+                                                             args.format.split(",")))
 
 
 if __name__ == "__main__":

@@ -24,14 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     formats = [f for f in args.format.split(",") if f]
     path = Path(args.file)
-    for name in [args.group] if args.group else plot.list_surfaces(path):
-        s = plot.load_surface(path, name)
-        if s.dims != 1:
-            continue
-        stem = Path(args.out) / f"{path.stem}_{name}"
-        for f in plot.plot_1d(s, stem, formats) + plot.plot_1d(s, stem.with_name(stem.name + "_log"), formats, log=True):
-            print(f)
-    return 0
+
+    def draw() -> list[Path]:
+        written = []
+        for s in plot.surfaces_of_dims(path, 1, args.group):
+            stem = Path(args.out) / f"{path.stem}_{s.name}"
+            written += plot.plot_1d(s, stem, formats) + plot.plot_1d(s, stem.with_name(stem.name + "_log"), formats,
+                                                                      log=True)
+        return written
+
+    return plot.run_figure_script(draw)
 
 
 if __name__ == "__main__":

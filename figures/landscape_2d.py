@@ -29,14 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     formats = [f for f in args.format.split(",") if f]
     path = Path(args.file)
-    for name in [args.group] if args.group else plot.list_surfaces(path):
-        s = plot.load_surface(path, name)
-        if s.dims != 2:
-            continue
-        for f in plot.plot_2d(s, Path(args.out) / f"{path.stem}_{name}", formats, kinds=args.kinds.split(","),
-                              vmin=args.vmin, vmax=args.vmax, n_levels=args.levels):
-            print(f)
-    return 0
+
+    def draw() -> list[Path]:
+        written = []
+        for s in plot.surfaces_of_dims(path, 2, args.group):
+            written += plot.plot_2d(s, Path(args.out) / f"{path.stem}_{s.name}", formats, kinds=args.kinds.split(","),
+                                    vmin=args.vmin, vmax=args.vmax, n_levels=args.levels)
+        return written
+
+    return plot.run_figure_script(draw)
 
 
 if __name__ == "__main__":

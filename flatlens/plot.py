@@ -23,9 +23,10 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -101,6 +102,32 @@ def list_surfaces(path: str | Path) -> list[str]:
             return sorted(k for k in g.keys() if "done" in g[k]) if g is not None else []
     except OSError as exc:
         raise StoreError(f"{p} is not a readable HDF5 file ({exc})") from None
+
+
+def surfaces_of_dims(path: str | Path, dims: int, group: str | None = None) -> list[SurfaceData]:
+    """The landscapes of ``path`` with ``dims`` axes (only ``group`` when given), or a one-line error
+    naming what the file holds and how to add one (a figure script must not succeed drawing nothing)."""
+    names = [group] if group else list_surfaces(path)
+    surfaces = [load_surface(path, name) for name in names]
+    chosen = [s for s in surfaces if s.dims == dims]
+    if not chosen:
+        held = ", ".join(f"{s.name} ({s.dims}-D)" for s in surfaces) or "none"
+        raise FlatlensError(f"{path} holds no {dims}-D landscape{f' named {group!r}' if group else ''} (landscapes: "
+                            f"{held}); add one with: flatlens landscape CKPT --dim {dims} --out {path}")
+    return chosen
+
+
+def run_figure_script(draw: Callable[[], Sequence[Path]]) -> int:
+    """Body of a ``figures/*.py`` script: print each file ``draw()`` writes and return 0; a FlatlensError
+    (missing file, no such landscape...) is one line ``error: ...`` on stderr and status 2."""
+    try:
+        written = list(draw())
+    except FlatlensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for w in written:
+        print(w)
+    return 0
 
 
 def load_surface(path: str | Path, name: str | None = None, label: str | None = None) -> SurfaceData:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatlens import plot
+from flatlens import plot, store
 from flatlens.measure.landscape import surface
 from flatlens.measure.objective import Objective
 
@@ -166,3 +166,26 @@ def test_plot_cli_and_figure_scripts(files, tmp_path):
         assert module.main([str(files["float"]), *extra, "--out", str(tmp_path / "scripts"), "--format", "png"]) == 0
     made = sorted(p.name for p in (tmp_path / "scripts").iterdir())
     assert "float_random_1d.png" in made and "float_random_2d_contourf.png" in made and "compare_random_2d.png" in made
+
+
+def test_figure_scripts_never_succeed_drawing_nothing(files, tmp_path, capsys):
+    """On a file without (such) landscapes the landscape scripts printed nothing and returned 0; a missing
+    file or --group was a StoreError traceback. Each is now one line 'error: ...' and status 2."""
+    bare = tmp_path / "bare.h5"
+    store.ensure_file(bare, {"checkpoint_sha256": "a" * 64, "config": {}})
+    cases = (("landscape_1d.py", [str(bare)], "holds no 1-D landscape (landscapes: none); add one with: flatlens "
+                                              "landscape CKPT --dim 1"),
+             ("landscape_2d.py", [str(bare)], "holds no 2-D landscape"),
+             ("landscape_2d.py", [str(files["float"]), "--group", "random_1d"], "holds no 2-D landscape named "
+                                                                                "'random_1d' (landscapes: random_1d (1-D))"),
+             ("landscape_1d.py", [str(tmp_path / "missing.h5")], "analysis file not found"),
+             ("compare.py", [str(files["float"]), str(bare)], "the files share no landscape name"),
+             ("compare.py", [str(files["float"]), str(files["qat"]), "--group", "nope"], "has no landscape 'nope'"))
+    for script, args, message in cases:
+        spec = importlib.util.spec_from_file_location(f"fig_{script[:-3]}", REPO / "figures" / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.main([*args, "--out", str(tmp_path / "none"), "--format", "png"]) == 2, script
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "none").exists()
