@@ -325,6 +325,45 @@ def test_quantized_model_latent_and_dequant_spaces():
     assert all(torch.equal(p, steps[n]) for n, p in net.named_parameters() if "step_size" in n)
 
 
+def test_interpolation_across_the_quantization_start_ends_at_b_or_is_refused(tiny_run, tmp_path):
+    """A QAT run's init.pt has its quantizers off, its model.pt on. Interpolating in latent space moved the
+    weights only, so the line ended at model.pt's latent weights without quantization, a loss model.pt
+    never has (2.23196 instead of 2.230373 on the digits run). Latent space refuses it and names the fix;
+    in dequant space both ends hold their own quantized weights and the line ends exactly at B."""
+    from flatlens.engine.loop import train
+
+    out = tmp_path / "qat"
+    train(tiny_config("quant.enabled=true", "quant.bits=4", "quant.activations=false", "quant.q_step=10",
+                      "train.steps=20"), out, verbose=False)
+    init, final = fl.load_checkpoint(out / "init.pt"), fl.load_checkpoint(out / "model.pt")
+    assert not fl.quant.is_quantization_enabled(init.model) and fl.quant.is_quantization_enabled(final.model)
+    lat = Objective(init, split="target", samples=32)
+    with pytest.raises(FlatlensError, match="computes with 3 quantizers, all on, the analysed model with 3 quantizers, "
+                                            "all off: the line would not end at B's function; use --space dequant"):
+        surface(lat, to=out / "model.pt", grid="0:1:2")
+    s = surface(Objective(init, split="target", samples=32, space="dequant"), to=out / "model.pt", grid="0:1:2")
+    assert s.loss[0] == pytest.approx(lat.loss(), rel=1e-6)  # the dequant copy of init.pt is init.pt
+    assert s.loss[1] == pytest.approx(Objective(final, split="target", samples=32).loss(), rel=1e-5)  # ... and B is B
+    with pytest.raises(FlatlensError, match="a float and a quantized model cannot share one line"):
+        surface(Objective(fl.load_checkpoint(tiny_run / "model.pt"), split="target", samples=32), to=out / "model.pt")
+
+
+def test_bad_names_settings_and_grid_sizes_are_refused_before_any_work(tmp_path):
+    """--name a/b made a nested group no reader listed, --name '' pointed at /landscape itself,
+    bn_stats='train' was ignored silently, and a 100000 x 100000 grid was a numpy MemoryError."""
+    obj = Objective(_bn_net(), batches=_batches())
+    for kwargs, message in (({"name": "a/b"}, "--name 'a/b' is not a landscape name"),
+                            ({"name": ""}, "--name '' is not a landscape name"),
+                            ({"bn_stats": "train"}, "--bn-stats must be interpolate or origin, got 'train'")):
+        with pytest.raises(FlatlensError, match=message):
+            surface(obj, 1, "-1:1:3", out=tmp_path / "a.h5", **kwargs)
+    with pytest.raises(FlatlensError, match="the grid has 100,000 x 100,000 = 10,000,000,000 points, more than the "
+                                            "1,000,000"):
+        surface(obj, 2, "-1:1:100000", out=tmp_path / "a.h5")
+    assert not (tmp_path / "a.h5").exists()
+    assert surface(obj, 1, "-1:1:3", name="fine-1.5x_v2").name == "fine-1.5x_v2"
+
+
 # -- resume ---------------------------------------------------------------------------------------
 
 def test_rerun_resumes_and_changed_settings_are_refused(tmp_path):

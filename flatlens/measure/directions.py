@@ -225,6 +225,41 @@ class CheckpointValues:
     step: int
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
+    quantizers: dict[str, bool] = field(default_factory=dict)
+    """Each quantizer's name and whether it is on, in the analysed space (the function B computes)."""
+
+
+def quantizer_states(model: nn.Module) -> dict[str, bool]:
+    """``{quantizer name: enabled}`` of a model (empty for a float model)."""
+    from flatlens.quant import iter_quantizers
+
+    return {name: q.is_enabled() for name, q in iter_quantizers(model)}
+
+
+def _describe_quantizers(states: dict[str, bool]) -> str:
+    on = sum(states.values())
+    if not states:
+        return "no quantizers"
+    return f"{len(states)} quantizers, " + ("all on" if on == len(states) else "all off" if on == 0 else f"{on} on")
+
+
+def _check_same_function(model: nn.Module, target: CheckpointValues) -> None:
+    """The moving model evaluates every point with its own quantizers; unless the target's are the same
+    and in the same state, coordinate 1 is B's weights seen through the origin's quantizer state, not B.
+    (Interpolating a QAT run's init.pt, quantizers off, to its model.pt used to end at model.pt's latent
+    weights without quantization: another loss than model.pt's.)"""
+    mine = quantizer_states(model)
+    if target.quantizers == mine:
+        return
+    if not mine or not target.quantizers:
+        fix = "a float and a quantized model cannot share one line; compare them through two files (flatlens plot --compare)"
+    elif set(mine) == set(target.quantizers) and not any(n.endswith("act_quantizer") for n in mine):
+        fix = ("use --space dequant: both ends then hold their own quantized weights with the quantizers off, so the "
+               "line ends exactly at B")
+    else:
+        fix = "choose checkpoints whose quantizers match"
+    raise FlatlensError(f"{target.path} computes with {_describe_quantizers(target.quantizers)}, the analysed model "
+                        f"with {_describe_quantizers(mine)}: the line would not end at B's function; {fix}")
 
 
 def _bn_buffer_names(model: nn.Module) -> list[str]:
@@ -253,7 +288,8 @@ def load_values(path: str | Path, space: str = "latent") -> CheckpointValues:
     bufs = dict(model.named_buffers())
     return CheckpointValues(str(path), run.sha256, run.step,
                             {n: p.detach().clone() for n, p in model.named_parameters()},
-                            {n: bufs[n].detach().clone() for n in _bn_buffer_names(model) if n in bufs})
+                            {n: bufs[n].detach().clone() for n in _bn_buffer_names(model) if n in bufs},
+                            quantizer_states(model))
 
 
 def _difference(names: Sequence[str], origin: Sequence[Tensor], other: CheckpointValues) -> list[Tensor]:
@@ -301,6 +337,8 @@ def checkpoint_directions(model: nn.Module, names: Sequence[str], origin: Sequen
     """
     if bn_stats not in ("interpolate", "origin"):
         raise FlatlensError(f"--bn-stats must be interpolate or origin, got {bn_stats!r}")
+    for t in targets:
+        _check_same_function(model, t)
     axes = [_difference(names, origin, t) for t in targets]
     kind = "interpolation" if len(targets) == 1 else "plane"
     buffer_names, buffer_axes = [], []

@@ -66,6 +66,10 @@ GROUP_PREFIX = "landscape"
 VALUE_NAMES = ("loss", "accuracy", "loss_stderr")
 DEFAULT_RANGES = {"random": "-1:1:51", "interpolation": "-0.5:1.5:41", "plane": "-0.5:1.5:21", "pca": None}
 PCA_POINTS = 21
+MAX_POINTS = 1_000_000
+"""Points of one surface at most: a million loss evaluations is hours even for a small model."""
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+"""A landscape name is one HDF5 group under /landscape and a figure file stem: no '/', no spaces."""
 WARMUP_POINTS = 3
 """Timed evaluations before the grid (after one unperturbed pass); their median predicts the ETA."""
 
@@ -197,6 +201,14 @@ def _surface_kind(to: Any, plane: Any, pca: Any) -> str:
     return kinds[0] if kinds else "random"
 
 
+def _check_name(name: Any) -> None:
+    """``name`` becomes ``/landscape/<name>`` and figure stems: ``a/b`` made a nested group that no reader
+    listed, ``""`` pointed at ``/landscape`` itself."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise FlatlensError(f"--name {name!r} is not a landscape name; use letters, digits and _ . + - "
+                            "(e.g. random_2d_fine), starting with a letter or digit")
+
+
 def _resolve(kind: str, dims: int | None, norm: str | None, ignore: str | None, bn_stats: str | None,
              orthogonalize: bool) -> tuple[int, str, str, str]:
     if dims is None:
@@ -214,6 +226,8 @@ def _resolve(kind: str, dims: int | None, norm: str | None, ignore: str | None, 
                             "their differences (use --norm none or leave it out)")
     if ignore is None:
         ignore = "none" if kind in ("interpolation", "plane") else "biasbn"
+    if bn_stats not in (None, "interpolate", "origin"):
+        raise FlatlensError(f"--bn-stats must be interpolate or origin, got {bn_stats!r}")
     if bn_stats is None:
         bn_stats = "interpolate" if kind in ("interpolation", "plane") else "origin"
     elif bn_stats == "interpolate" and kind not in ("interpolation", "plane"):
@@ -278,12 +292,16 @@ def surface(obj, dims: int | None = None, grid: str | Axis | None = None, y_grid
         if y_grid is not None:
             raise FlatlensError("--y-range needs --dim 2")
         y_axis = Axis(0.0, 0.0, 1)
+    if x_axis.num * y_axis.num > MAX_POINTS:  # the schedule alone would need (NX*NY) int64s, then the evaluations
+        raise FlatlensError(f"the grid has {x_axis.num:,} x {y_axis.num:,} = {x_axis.num * y_axis.num:,} points, more "
+                            f"than the {MAX_POINTS:,} one surface may hold; use fewer points (e.g. -1:1:51)")
     sched = schedule(x_axis.num, y_axis.num)
     shape = (y_axis.num, x_axis.num) if dims == 2 else (x_axis.num,)
     xs, ys = x_axis.values, y_axis.values
     if name is None:
         name = {"random": f"random_{dims}d" + (f"_r{repeat}" if repeat else ""), "interpolation": "interpolation",
                 "plane": "plane", "pca": f"pca_{dims}d"}[kind]
+    _check_name(name)
     group = f"{GROUP_PREFIX}/{name}"
 
     info = obj.describe()
