@@ -218,6 +218,22 @@ def test_dequantized_copy_is_the_dequant_space():
     assert all(not q.is_enabled() for _, q in iter_quantizers(deq_off))
 
 
+def test_dequant_space_says_when_activation_quantizers_stay_on():
+    """The dequant copy keeps activation quantizers on (so it computes the model's function); the
+    recorded string said "(quantizers off)" for such a model too."""
+    from flatlens.measure.objective import Objective
+
+    net, x = model_for_export(activations=True)
+    batches = [(x, torch.arange(5) % 3)]
+    obj = Objective(net, batches=batches, space="dequant")
+    assert obj.differentiated == ("float copy holding the quantized weights w_q (weight quantizers off; activation "
+                                  "quantizers on, straight-through)")
+    assert obj.loss() == pytest.approx(Objective(net, batches=batches).loss(), rel=1e-6)
+    plain, xp = model_for_export(activations=False)
+    assert Objective(plain, batches=[(xp, torch.arange(5) % 3)], space="dequant").differentiated == (
+        "float copy holding the quantized weights w_q (quantizers off)")
+
+
 def test_dequantized_copy_leaves_weights_of_disabled_quantizers_float():
     """A disabled weight quantizer does not round its weight in the model's forward (a checkpoint from
     before quantization started, a layer kept in float); the dequant copy used to round it anyway and

@@ -156,6 +156,7 @@ class Objective:
 
             weights_rounded = any(q.is_enabled() for _, q in iter_quantizers(model, "weight"))
             model = dequantized_copy(model)
+            acts_on = any(q.is_enabled() for _, q in iter_quantizers(model, "activation"))
         self.model = model.to(device)
         include = include_groups(include)
         if space == "scales" and include == ("weights",) and select is None:
@@ -182,11 +183,13 @@ class Objective:
             steps = set(parameter_groups(self.model)["scales"]) & set(self.space.names)
             self.differentiated = ("straight-through surrogate of the quantized model (latent weights"
                                    + (" and step sizes, LSQ gradient scale off)" if steps else ")"))
-        elif space == "dequant" and not weights_rounded:
+        elif space == "dequant" and not weights_rounded and not acts_on:
             self.differentiated = ("float model (its weight quantizers are off in this checkpoint, so the dequant "
                                    "copy holds the float weights)")
         elif space == "dequant":
-            self.differentiated = "float copy holding the quantized weights w_q (quantizers off)"
+            self.differentiated = ("float copy holding the quantized weights w_q (weight quantizers off; activation "
+                                   "quantizers on, straight-through)" if acts_on else
+                                   "float copy holding the quantized weights w_q (quantizers off)")
         elif space == "scales":
             self.differentiated = "quantizer step sizes (straight-through surrogate, LSQ gradient scale off)"
         else:
