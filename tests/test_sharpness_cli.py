@@ -210,3 +210,47 @@ def test_header_says_whether_there_is_batchnorm(tiny_run, tmp_path, capsys):
                    "graph_reuse", "--eig-max-iter", "3", "--out", str(tmp_path / f"{run.name}.h5")])
         header = capsys.readouterr().out.splitlines()[2]
         assert rc == 0 and header.startswith("differentiated: float model") and header.endswith(text), header
+
+
+def test_a_kill_during_the_shared_runs_trace_probes_keeps_eigenvalues_and_density(tiny_run, tmp_path):
+    """hessian,trace,density share one Lanczos run and used to be written together at the very end: a kill
+    during the trace's residual probes lost the finished eigenvalues and density (README promises each
+    measure is kept as soon as it finishes). They are written before the probes now."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    out = tmp_path / "k.h5"
+    cmd = [sys.executable, "-m", "flatlens", "sharpness", str(tiny_run / "model.pt"), "--measures",
+           "hessian,trace,density", *FAST, "--max-hvp", "100000", "--trace-rtol", "0", "--density-probes", "1",
+           "--density-steps", "8", "--progress-every", "0", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        held: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists():
+                with h5py.File(out, "r") as f:
+                    held = sorted(f["hessian"].keys()) if "hessian" in f else []
+                if "eigenvalues" in held:
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()  # 100000 probes: still at them
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = fl.hessian.read(out)
+    assert "eigenvalues" in r and "density" in r and "trace" not in r
+    assert r["attrs"]["measures"] == ["hessian", "density"]
+    # the rerun of the missing measure completes the group (merge)
+    rest = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), "--measures", "trace", *FAST, "--max-hvp", "10",
+                        "--trace-rtol", "0", "--out", str(out))
+    assert rest.returncode == 0, rest.stderr
+    assert {"eigenvalues", "density", "trace"} <= set(fl.hessian.read(out))

@@ -1150,8 +1150,13 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
              level: float = 0.95, min_samples: int = 10, block_size: int = 1, layers: str = "layer",
              layer_rtol: float | None = None, layer_floor: float = 0.01,
              blocks: Sequence[tuple[str, int]] | None = None, grid: int | Tensor = 1001, sigma: float | None = None,
-             seed: int = 0, progress: Progress | None = None) -> SpectrumResult:
+             seed: int = 0, progress: Progress | None = None,
+             on_ready: Callable[[list[_Stored]], None] | None = None) -> SpectrumResult:
     """Density, extreme eigenvalues and trace from ONE set of Lanczos runs (fewer HVPs than the three apart).
+
+    ``on_ready``, if given, is called with the density and eigenvalue results as soon as they are final,
+    before the trace's residual probes (the CLI writes them then, so a run killed during the probes
+    keeps them).
 
     1. :func:`density` exactly as called alone (same seed: bitwise the same result), keeping its first
        probe's Lanczos basis ``Q`` (``n_steps`` vectors) and tridiagonal ``T``.
@@ -1205,6 +1210,8 @@ def spectrum(obj: Any, n_probes: int = 3, n_steps: int = 30, *, eigen: bool = Tr
             eig_res = _eigen_result(res, src, op.n_matvec - n0, time.perf_counter() - t0, seed, tol, bnt, cap, stop,
                                     method="lanczos (density probe 0, continued)" if op.n_matvec > n0 else
                                     "lanczos (density probe 0)", shared_hvp=shared, start="density probe 0")
+        if on_ready is not None and trace:
+            on_ready([r for r in (eig_res, dens) if r is not None])
         if trace:
             bl = _blocks_for(src, layers, blocks)
             n0, t0 = op.n_matvec, time.perf_counter()

@@ -205,7 +205,8 @@ def _register() -> None:
                            k_bottom=args.k_bottom, tol=args.tol, eig_max_iter=args.eig_max_iter, stop=args.eig_stop,
                            trace="trace" in members, rtol=args.trace_rtol or None, max_hvp=args.max_hvp,
                            level=args.trace_level, layers=args.layers, layer_rtol=args.layer_rtol,
-                           grid=args.density_grid, sigma=args.density_sigma, seed=args.seed, progress=prog)
+                           grid=args.density_grid, sigma=args.density_sigma, seed=args.seed, progress=prog,
+                           on_ready=(lambda done: write(ctx.out, *done)) if ctx.is_main else None)
         finally:
             bar.close()
         return _output(*res.results, ctx=ctx)
