@@ -165,28 +165,44 @@ class Run:
                             f"{', '.join(s.names())}") from None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: bool = True) -> Run:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: bool = True,
+                    data_root: str | Path | None = None) -> Run:
     """Rebuild model (quantizers included), config, dataset and the same splits from one checkpoint.
 
     The model is returned in eval mode on ``device``. With ``data=True`` the dataset is rebuilt from
     the stored config and checked against the fingerprints stored in the checkpoint, so the splits
-    are provably the ones the run trained and validated on.
+    are provably the ones the run trained and validated on. ``data_root`` replaces the stored
+    ``data.root`` (a folder dataset read on another machine, or moved since training); the
+    fingerprints still prove the files are the same, and the returned config records the new root.
     """
+    import dataclasses
+
     from flatlens.data import build_dataset, make_splits
     from flatlens.network import build_network
 
     ckpt = read_checkpoint(path)  # checks that path is a path
     p = Path(path)
     cfg = config_of(ckpt, p)
+    if data_root is not None:
+        if not isinstance(data_root, (str, os.PathLike)) or not str(data_root).strip():
+            raise DataError(f"data_root={data_root!r} is not a folder; pass the directory that holds the dataset "
+                            "(--data-root DIR)")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root)))
     dataset = splits = None
     if data:
-        dataset = build_dataset(cfg.data)
+        try:
+            dataset = build_dataset(cfg.data)
+        except DataError as exc:
+            if data_root is not None or not cfg.data.root:
+                raise
+            raise DataError(f"{exc} (the root stored in {p.name}; if the data moved since training, pass "
+                            "--data-root DIR, or data_root= in Python)") from None
         splits = make_splits(dataset, cfg.data.test_envs, cfg.data.holdout_fraction, cfg.train.trial_seed)
         stored = ckpt.get("data", {})
         if stored.get("dataset") and stored["dataset"] != dataset.fingerprint():
             raise DataError(f"the data rebuilt for {p} differ from the data it was trained on "
                             f"(dataset fingerprint {dataset.fingerprint()} != {stored['dataset']}); "
-                            "point data.root at the same files")
+                            "point data.root (--data-root) at the same files")
         if stored.get("splits") and stored["splits"] != splits.fingerprint():
             raise DataError(f"the splits rebuilt for {p} differ from the stored ones; was it written by another flatlens version?")
         shape, n_classes = dataset.input_shape, dataset.num_classes

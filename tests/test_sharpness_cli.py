@@ -254,3 +254,38 @@ def test_a_kill_during_the_shared_runs_trace_probes_keeps_eigenvalues_and_densit
                         "--trace-rtol", "0", "--out", str(out))
     assert rest.returncode == 0, rest.stderr
     assert {"eigenvalues", "density", "trace"} <= set(fl.hessian.read(out))
+
+
+def test_data_moved_since_training_is_found_with_data_root(tmp_path):
+    """A folder dataset read on another machine, or moved: the checkpoint's stored data.root no longer
+    holds it, and nothing but --set at training time could point there. --data-root (data_root=) does;
+    the stored fingerprints still prove the files are the ones the run trained on."""
+    import shutil
+
+    from conftest import tiny_config
+    from test_data import _make_tree
+
+    from flatlens.engine.loop import train
+    from flatlens.errors import DataError
+
+    old = tmp_path / "old"
+    _make_tree(old, "PACS", ["sketch", "photo", "cartoon", "art_painting"], ["dog", "horse"], n=4)
+    train(tiny_config("data.dataset=PACS", f"data.root={old}", "data.image_size=16", "train.steps=2",
+                      "train.eval_every=2"), tmp_path / "run", verbose=False)
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.move(str(old / "PACS"), str(new / "PACS"))
+    ckpt = tmp_path / "run" / "model.pt"
+    with pytest.raises(DataError, match=r"PACS not found at .*old/PACS.*if the data moved since training, pass "
+                                         r"--data-root DIR"):
+        fl.load_checkpoint(ckpt)
+    run = fl.load_checkpoint(ckpt, data_root=new)
+    assert run.config.data.root == str(new) and run.dataset is not None
+    res = flatlens_cmd("sharpness", str(ckpt), "--measures", "hessian", "--k", "1", "--data-root", str(new),
+                       "--out", str(tmp_path / "a.h5"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(fl.store.read(tmp_path / "a.h5")["attrs"]["config"])["data"]["root"] == str(new)
+    other = tmp_path / "other"  # the same layout with other images: refused by the fingerprint
+    _make_tree(other, "PACS", ["sketch", "photo", "cartoon", "art_painting"], ["dog", "horse"], n=5)
+    with pytest.raises(DataError, match="differ from the data it was trained on"):
+        fl.load_checkpoint(ckpt, data_root=other)

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="average logits (QT-DoG Eq. 6, default) or softmax probabilities (EoA-style)")
     p.add_argument("--out", type=path_arg, help="also write the full result as JSON to this file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--data-root", type=path_arg, default=None, metavar="DIR",
+                   help="folder datasets: where the dataset lives now, if not at the data.root stored in the checkpoint "
+                        "(checked against the stored fingerprints)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for folder datasets")
     p.set_defaults(func=run)
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    runs = load_members(args.checkpoints, device=device)
+    runs = load_members(args.checkpoints, device=device, data_root=args.data_root)
     result = evaluate_ensemble(runs, combine=args.combine, batch_size=args.batch_size, num_workers=args.num_workers)
     print(format_result(result), end="")
     if args.out:

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="samples in the check batch (default 256)")
     p.add_argument("--tol", type=float, default=0.0, help="largest accepted max |logit difference| (default 0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
+    p.add_argument("--data-root", type=path_arg, default=None, metavar="DIR",
+                   help="folder datasets: where the dataset lives now, if not at the data.root stored in the checkpoint "
+                        "(checked against the stored fingerprints)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"output {out} must end in .npz")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    run_ = load_checkpoint(args.checkpoint, device=resolve_device(args.device), data=True)
+    run_ = load_checkpoint(args.checkpoint, device=resolve_device(args.device), data=True, data_root=args.data_root)
     model = run_.model
     names = quantized_module_names(model)
     if not names:

@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the quantized weights")
     o.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     o.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    o.add_argument("--data-root", type=path_arg, default=None, metavar="DIR",
+                   help="folder datasets: where the dataset lives now, if not at the data.root stored in the checkpoint "
+                        "(checked against the stored fingerprints)")
     w = p.add_argument_group("output")
     w.add_argument("--out", default=None, type=path_arg, help="analysis file (default: analysis.h5 next to the checkpoint)")
     w.add_argument("--name", default=None, help="group /landscape/NAME (default: random_1d, random_2d, interpolation, "
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = D.setup(args.device)
     try:
         device = D.resolve_device(args.device, ctx.local_rank)
-        run_ = fl.load_checkpoint(args.checkpoint, device=device)
+        run_ = fl.load_checkpoint(args.checkpoint, device=device, data_root=args.data_root)
         # every rank holds all samples: ranks share out grid points, not samples
         obj = Objective(run_, split=args.split, samples=args.samples, space=args.space, seed=args.seed,
                         batch_size=args.batch_size, device=device, shard=False)

@@ -61,6 +61,9 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel", default="auto", choices=("auto", "graph_reuse", "double_backward", "forward_over_reverse"),
                    help="HVP kernel (auto: time each on one batch and keep the fastest)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--data-root", type=path_arg, default=None, metavar="DIR",
+                   help="folder datasets: where the dataset lives now, if not at the data.root stored in the checkpoint "
+                        "(checked against the stored fingerprints)")
 
 
 def build_objective(args: argparse.Namespace):
@@ -71,7 +74,7 @@ def build_objective(args: argparse.Namespace):
 
     ctx = D.current()
     device = D.resolve_device(args.device, ctx.local_rank)
-    run = fl.load_checkpoint(args.checkpoint, device=device)
+    run = fl.load_checkpoint(args.checkpoint, device=device, data_root=args.data_root)
     include = tuple(x.strip() for x in args.include.split(",") if x.strip())
     return Objective(run, split=args.split, samples=args.samples, space=args.space, include=include,
                      select=args.params, exclude=args.exclude, seed=args.seed, batch_size=args.batch_size,

@@ -124,12 +124,13 @@ def _resolve(path: str | Path) -> Path:
     return p
 
 
-def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> list[Run]:
+def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu",
+                 data_root: str | Path | None = None) -> list[Run]:
     """Load every checkpoint (the first with its data) and check that they share data, splits and labels."""
     if not paths:
         raise ConfigError("an ensemble needs at least one checkpoint")
     files = [_resolve(p) for p in paths]
-    runs = [load_checkpoint(files[0], device=device, data=True)]
+    runs = [load_checkpoint(files[0], device=device, data=True, data_root=data_root)]
     first = runs[0]
     assert first.dataset is not None and first.splits is not None
     ref = {"dataset": first.dataset.fingerprint(), "splits": first.splits.fingerprint()}
