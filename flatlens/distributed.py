@@ -87,8 +87,18 @@ def setup(device: str = "auto") -> DistContext:
                        backend=backend, owns_group=owns)
 
 
-def teardown(ctx: DistContext) -> None:
+def teardown(ctx: DistContext, finished: bool = False) -> None:
+    """Destroy the process group this process created.
+
+    ``finished``: this rank got to the end normally, so every rank will. They then meet at a barrier
+    first: rank 0 writes the results after the last collective, and a rank that tore down its gloo
+    connections meanwhile was seen to abort ("terminate called without an active exception", SIGABRT),
+    failing a torchrun whose results were written. After an error there is no barrier (the other ranks
+    may never arrive).
+    """
     if ctx.owns_group and dist.is_initialized():
+        if finished and ctx.distributed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

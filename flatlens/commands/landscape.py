@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise FlatlensError(f"--batch-size must be >= 1, got {args.batch_size}")
     ctx = D.setup(args.device)
+    finished = False
     try:
         device = D.resolve_device(args.device, ctx.local_rank)
         run_ = fl.load_checkpoint(args.checkpoint, device=device, data_root=args.data_root)
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         if ctx.is_main:
             for label, value in surf.summary():
                 print(f"  {label:<28} {value}")
+        finished = True
     finally:
-        D.teardown(ctx)
+        D.teardown(ctx, finished)
     return 0

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         if measures[n].check_args is not None:
             measures[n].check_args(args, names)
     ctx = D.setup(args.device)
+    finished = False
     try:
         obj = build_objective(args)
         out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "analysis.h5"
@@ -147,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         if ctx.is_main:
             _print_summary(rows)
         obj.release()
+        finished = True
     finally:
-        D.teardown(ctx)
+        D.teardown(ctx, finished)
     return 0
 
 

@@ -312,7 +312,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = 
           verbose: bool = True) -> TrainResult:
     """Train one run into ``out`` (see :class:`Trainer`); works under torchrun and as one process."""
     ctx = D.setup(cfg.train.device)
+    finished = False
     try:
-        return Trainer(cfg, out, ctx, resume=resume, overwrite=overwrite, verbose=verbose).run()
+        result = Trainer(cfg, out, ctx, resume=resume, overwrite=overwrite, verbose=verbose).run()
+        finished = True
+        return result
     finally:
-        D.teardown(ctx)
+        D.teardown(ctx, finished)
