@@ -16,6 +16,12 @@ or replacing a group) is done on a copy that is fsynced and renamed over the ori
 only overwrite raw data in place, flushing per block and writing a block's ``done`` flags after its
 values: a kill can at worst lose the block in flight, never the file. One process (rank 0) writes.
 
+Several processes may write one file (a sharpness job and a landscape job on the same checkpoint both
+default to ``analysis.h5`` beside it): every write transaction holds an exclusive lock of the file
+(:func:`write_lock`, POSIX ``flock`` on a hidden ``.NAME.lock`` beside it), so their copies and renames
+cannot overlap. Without it the second writer's rename dropped the first one's group, and one writer's
+clean-up of "stale" temporary copies deleted the other's copy in flight (crashes deep in h5py).
+
 :func:`read` returns plain dicts of numpy arrays and attributes, which is all figure scripts need.
 """
 
@@ -25,8 +31,9 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -80,40 +87,88 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
+_HELD: dict[str, list[int]] = {}
+"""Locks this process holds: lock file -> [descriptor, depth] (the lock is reentrant within a process)."""
+
+
+@contextmanager
+def write_lock(path: str | Path) -> Iterator[None]:
+    """Hold the exclusive write lock of analysis file ``path`` (blocks while another process holds it).
+
+    An advisory ``flock`` on ``.NAME.lock`` in the same directory (left in place: it is empty, and the
+    kernel releases the lock of a killed process). Reentrant within one process. Readers do not lock:
+    a rename is atomic, and grid blocks mark themselves done after their values. Where ``fcntl`` does
+    not exist (Windows) there is no lock, and one writer at a time is the user's to ensure.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    p = Path(path)
+    key = str(p.parent.resolve() / f".{p.name}.lock")
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise StoreError(f"cannot write {p}: {_one_line(exc)}; choose another --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD[key] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_copies(path: Path) -> None:
+    """Temporary copies exist only while their writer holds the lock; under the lock, any left over
+    belongs to a killed writer."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def _fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _copy_on_write(path: Path):
-    """Context: yields an h5py File on a temporary copy of ``path``; on success it replaces ``path``."""
+@contextmanager
+def _copy_on_write(path: Path) -> Iterator[Any]:
+    """Context: yields an h5py File on a temporary copy of ``path``; on success it replaces ``path``.
+    The whole transaction holds :func:`write_lock`."""
     h5py = _h5py()
-
-    class _Ctx:
-        def __enter__(self):
-            try:
-                fd, self.tmp = temp_file_beside(path)  # with the mode of the file it replaces (not 0600)
-            except OSError as exc:
-                raise StoreError(f"cannot write {path}: {_one_line(exc)}; choose another --out") from None
-            os.close(fd)
+    with write_lock(path):
+        _remove_stale_copies(path)
+        try:
+            fd, tmp = temp_file_beside(path)  # with the mode of the file it replaces (not mkstemp's 0600)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {_one_line(exc)}; choose another --out") from None
+        os.close(fd)
+        try:
             if path.exists():
-                shutil.copyfile(path, self.tmp)
-                self.f = h5py.File(self.tmp, "r+")
+                shutil.copyfile(path, tmp)
+                f = h5py.File(tmp, "r+")
             else:
-                self.f = h5py.File(self.tmp, "w")
-            return self.f
-
-        def __exit__(self, exc_type, exc, tb):
+                f = h5py.File(tmp, "w")
             try:
-                self.f.close()
-                if exc_type is None:
-                    _fsync_replace(self.tmp, path)
+                yield f
             finally:
-                self.tmp.unlink(missing_ok=True)
-            return False
-
-    return _Ctx()
+                f.close()
+            _fsync_replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def check_file(path: str | Path, checkpoint_sha256: str | None = None) -> None:
@@ -149,22 +204,23 @@ def checkpoint_provenance(run: Any | None) -> dict[str, Any]:
 def ensure_file(path: str | Path, provenance: Mapping[str, Any]) -> Path:
     """Create the analysis file with its root attributes if missing; otherwise check it belongs to the
     same checkpoint. ``provenance``: checkpoint_sha256, checkpoint, config (dict), and anything else.
-    Temporary copies left next to it by a killed writer are removed (one writer at a time)."""
+    Temporary copies left next to it by a killed writer are removed (under the write lock, so never a
+    live writer's)."""
     p = Path(path)
     if p.is_dir():
         raise StoreError(f"{p} is a directory; give --out a file path such as {p / 'analysis.h5'}")
-    for stale in p.parent.glob(f".{p.name}.*.tmp"):  # left by a killed writer; one writer at a time
-        stale.unlink(missing_ok=True)
-    if p.exists():
-        check_file(p, str(provenance.get("checkpoint_sha256", "")) or None)
-        return p
-    with _copy_on_write(p) as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["flatlens_version"] = __version__
-        f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        for key, value in provenance.items():
-            f.attrs[key] = attr_value(value)
+    with write_lock(p):  # two processes creating the file at once: the second finds the first's
+        _remove_stale_copies(p)
+        if p.exists():
+            check_file(p, str(provenance.get("checkpoint_sha256", "")) or None)
+            return p
+        with _copy_on_write(p) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["flatlens_version"] = __version__
+            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            for key, value in provenance.items():
+                f.attrs[key] = attr_value(value)
     return p
 
 
@@ -347,7 +403,7 @@ class GridDatasets:
     def write_block(self, index: Any, values: Mapping[str, np.ndarray]) -> None:
         """Write ``values[key][...]`` at ``index`` (a numpy index), then mark it done, then flush."""
         h5py = _h5py()
-        with h5py.File(self.path, "r+") as f:
+        with write_lock(self.path), h5py.File(self.path, "r+") as f:
             g = f[self.name]
             for key, v in values.items():
                 g[key][index] = v
@@ -368,7 +424,7 @@ class GridDatasets:
         idx = tuple(np.asarray(i, dtype=np.int64) for i in index)
         box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
         local = tuple(i - int(i.min()) for i in idx)
-        with h5py.File(self.path, "r+") as f:
+        with write_lock(self.path), h5py.File(self.path, "r+") as f:
             g = f[self.name]
             for key, v in values.items():
                 part = g[key][box]
@@ -386,7 +442,7 @@ class GridDatasets:
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         """Update attributes in place (small, fixed-size metadata such as running costs)."""
         h5py = _h5py()
-        with h5py.File(self.path, "r+") as f:
+        with write_lock(self.path), h5py.File(self.path, "r+") as f:
             for k, v in attrs.items():
                 f[self.name].attrs[k] = attr_value(v)
             f.flush()
