@@ -107,6 +107,7 @@ def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run
 
 @pytest.mark.parametrize("extra, message", [
     (["--measures", "hessian,flatness"], "--measures flatness unknown"),
+    (["--measures", "hessian,trace,hessian"], "--measures names hessian more than once"),  # ran twice
     (["--split", "nowhere"], "unknown split 'nowhere'"),
     (["--space", "dequant"], "needs a quantized model"),
     (["--out", "FOREIGN"], "not a flatlens analysis file"),

@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in names if m not in measures]
     if unknown or not names:
         raise FlatlensError(f"--measures {','.join(unknown) or '(empty)'} unknown; choose from {', '.join(measures)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # each would run (and be paid for) again, the second overwriting the first
+        raise FlatlensError(f"--measures names {', '.join(twice)} more than once; give each measure once")
     for n in names:  # bad option values fail here, before the checkpoint is loaded
         if measures[n].check_args is not None:
             measures[n].check_args(args, names)
