@@ -201,6 +201,15 @@ def checkpoint_provenance(run: Any | None) -> dict[str, Any]:
             "checkpoint_kind": run.kind, "quantized": run.quantized}
 
 
+def default_path(checkpoint: str | Path) -> Path:
+    """Where ``flatlens sharpness``/``landscape`` write without ``--out``: ``analysis.h5`` beside a run's
+    ``model.pt``, ``<stem>_analysis.h5`` beside any other checkpoint (``last_analysis.h5``,
+    ``step_000200_analysis.h5``). A file belongs to one checkpoint, so one name for all of them made the
+    second checkpoint of a run directory (or of a trajectory) fail until given its own ``--out``."""
+    p = Path(checkpoint).resolve()
+    return p.parent / ("analysis.h5" if p.name == "model.pt" else f"{p.stem}_analysis.h5")
+
+
 def ensure_file(path: str | Path, provenance: Mapping[str, Any]) -> Path:
     """Create the analysis file with its root attributes if missing; otherwise check it belongs to the
     same checkpoint. ``provenance``: checkpoint_sha256, checkpoint, config (dict), and anything else.

@@ -290,3 +290,22 @@ def test_data_moved_since_training_is_found_with_data_root(tmp_path):
     _make_tree(other, "PACS", ["sketch", "photo", "cartoon", "art_painting"], ["dog", "horse"], n=5)
     with pytest.raises(DataError, match="differ from the data it was trained on"):
         fl.load_checkpoint(ckpt, data_root=other)
+
+
+def test_each_checkpoint_of_a_run_gets_its_own_default_file(tiny_run, tmp_path):
+    """Without --out every checkpoint wrote analysis.h5 beside it, and a file belongs to one checkpoint:
+    measuring last.pt (or a trajectory's step_*.pt) after model.pt of the same run directory failed
+    with "holds results of another checkpoint". model.pt keeps analysis.h5; others get <stem>_analysis.h5."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "model.pt", run / "model.pt")
+    shutil.copy(tiny_run / "init.pt", run / "init.pt")
+    shutil.copy(tiny_run / "init.pt", run / "checkpoints" / "step_000010.pt")
+    for ckpt in (run / "model.pt", run / "init.pt", run / "checkpoints" / "step_000010.pt"):
+        assert main(["sharpness", str(ckpt), "--measures", "hessian", "--k", "1", "--samples", "16"]) == 0
+    assert store.default_path(run / "init.pt") == (run / "init_analysis.h5").resolve()
+    sha = {name: store.read(run / name)["attrs"]["checkpoint_sha256"] for name in ("analysis.h5", "init_analysis.h5")}
+    assert sha["analysis.h5"] == fl.load_checkpoint(run / "model.pt", data=False).sha256 != sha["init_analysis.h5"]
+    assert (run / "checkpoints" / "step_000010_analysis.h5").exists()

@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder datasets: where the dataset lives now, if not at the data.root stored in the checkpoint "
                         "(checked against the stored fingerprints)")
     w = p.add_argument_group("output")
-    w.add_argument("--out", default=None, type=path_arg, help="analysis file (default: analysis.h5 next to the checkpoint)")
+    w.add_argument("--out", default=None, type=path_arg, help="analysis file (default: analysis.h5 beside model.pt; <stem>_analysis.h5 beside any other checkpoint)")
     w.add_argument("--name", default=None, help="group /landscape/NAME (default: random_1d, random_2d, interpolation, "
                                                 "plane, pca_2d; _rK for repeat K)")
     w.add_argument("--block", type=int, default=0, help="points per block written (0: about one second of work)")
@@ -78,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import flatlens as fl
     from flatlens import distributed as D
+    from flatlens import store
     from flatlens.errors import FlatlensError
     from flatlens.measure.landscape import surface
     from flatlens.measure.objective import Objective
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         # every rank holds all samples: ranks share out grid points, not samples
         obj = Objective(run_, split=args.split, samples=args.samples, space=args.space, seed=args.seed,
                         batch_size=args.batch_size, device=device, shard=False)
-        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "analysis.h5"
+        out = Path(args.out) if args.out else store.default_path(args.checkpoint)
         say = print if ctx.is_main else (lambda *a, **k: None)
         say(f"{run_.path}: {obj.n_samples} samples of split '{obj.split}' on {device}"
             + (f", {ctx.world_size} ranks sharing the grid" if ctx.distributed else ""))

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measures", default=",".join(DEFAULT_MEASURES),
                    help="comma-separated measures to run: " + ", ".join(measures))
     add_objective_arguments(p)
-    p.add_argument("--out", type=path_arg, help="analysis file (default: analysis.h5 next to the checkpoint)")
+    p.add_argument("--out", type=path_arg, help="analysis file (default: analysis.h5 beside model.pt; <stem>_analysis.h5 beside any other checkpoint)")
     p.add_argument("--progress-every", type=float, default=15.0,
                    help="seconds between progress lines when stderr is not a terminal (0: every step)")
     for m in measures.values():
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     finished = False
     try:
         obj = build_objective(args)
-        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "analysis.h5"
+        out = Path(args.out) if args.out else store.default_path(args.checkpoint)
         if ctx.is_main:
             store.ensure_file(out, store.checkpoint_provenance(obj.run))
         say = print if ctx.is_main else (lambda *a, **k: None)
