@@ -309,3 +309,24 @@ def test_each_checkpoint_of_a_run_gets_its_own_default_file(tiny_run, tmp_path):
     sha = {name: store.read(run / name)["attrs"]["checkpoint_sha256"] for name in ("analysis.h5", "init_analysis.h5")}
     assert sha["analysis.h5"] == fl.load_checkpoint(run / "model.pt", data=False).sha256 != sha["init_analysis.h5"]
     assert (run / "checkpoints" / "step_000010_analysis.h5").exists()
+
+
+def test_info_describes_an_analysis_file(analysis, tmp_path):
+    """`flatlens info` read checkpoints only ("not a torch checkpoint" for analysis.h5); it now gives an
+    analysis file's provenance and each group's headline numbers (and JSON)."""
+    out, _ = analysis
+    res = flatlens_cmd("info", str(out))
+    assert res.returncode == 0, res.stderr
+    r = fl.hessian.read(out)
+    text = res.stdout
+    assert "flatlens-analysis schema 1" in text and "/hessian" in text
+    assert "measure         hessian, trace, density" in text
+    assert f"eigenvalues     [{r['eigenvalues'][0]:.6g}, {r['eigenvalues'][1]:.6g}]" in text
+    assert f"trace           {float(r['trace']):.6g} (95% CI" in text
+    js = json.loads(flatlens_cmd("info", str(out), "--json").stdout)
+    assert js["attrs"]["checkpoint_sha256"] == r["attrs"]["checkpoint_sha256"] and "hessian" in js["groups"]
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = 1
+    bad = flatlens_cmd("info", str(foreign))
+    assert bad.returncode == 2 and "not a flatlens analysis file" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,23 +1,40 @@
-"""``flatlens info CKPT``: what a checkpoint holds, read safely, without rebuilding the data."""
+"""``flatlens info FILE``: what a checkpoint or an analysis file holds, read safely, without rebuilding
+the data or the model."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
+from flatlens.commands import path_arg
 
-HELP = "describe a checkpoint (kind, step, config, metrics)"
+HELP = "describe a checkpoint (kind, step, config, metrics) or an analysis file (its measures)"
 """One line for ``flatlens --help`` (read without building this command's parser)."""
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help=HELP)
-    p.add_argument("checkpoint", help="a .pt file written by flatlens train (model.pt, last.pt, init.pt, ...)")
+    p.add_argument("checkpoint", type=path_arg, metavar="FILE",
+                   help="a .pt file written by flatlens train (model.pt, last.pt, init.pt, ...) or an analysis "
+                        ".h5 file written by flatlens sharpness / landscape")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    path = Path(args.checkpoint)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(8) == HDF5_SIGNATURE:
+                return _analysis(path, args.json)
+    return _checkpoint(args)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
     from flatlens.checkpoint import config_of, file_sha256, read_checkpoint
 
     ckpt = read_checkpoint(args.checkpoint)
@@ -43,3 +60,76 @@ def run(args: argparse.Namespace) -> int:
     if accs:
         print("metrics          " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(accs.items())))
     return 0
+
+
+def _analysis(path: Path, as_json: bool) -> int:
+    """The root provenance and one line (or a few) per measured group; no dataset larger than a few
+    numbers is printed (``flatlens.store.read`` gives everything)."""
+    import numpy as np
+
+    from flatlens import store
+
+    store.check_file(path)
+    data = store.read(path)
+    root = {k: v for k, v in data["attrs"].items() if k != "config"}
+    groups = {name: _group_summary(store.read(path, name)) for name in store.groups(path)}
+    if as_json:
+        print(json.dumps({"path": str(path), "attrs": root, "groups": groups}, indent=2, sort_keys=True,
+                         default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v)))
+        return 0
+    print(f"{'path':<17} {path}")
+    print(f"{'format':<17} {root.get('format')} schema {root.get('schema_version')}, written by flatlens "
+          f"{root.get('flatlens_version')}, created {root.get('created')}")
+    print(f"{'checkpoint':<17} {root.get('checkpoint') or '(none)'} (step {root.get('checkpoint_step', '?')}, "
+          f"sha256 {str(root.get('checkpoint_sha256', ''))[:12]}...)")
+    if not groups:
+        print(f"{'groups':<17} none yet")
+    for name, summary in groups.items():
+        print(f"/{name}")
+        for key, value in summary.items():
+            print(f"  {key:<15} {value}")
+    return 0
+
+
+def _fmt(values: Any, n: int = 6) -> str:
+    import numpy as np
+
+    a = np.atleast_1d(np.asarray(values, dtype=float))
+    text = ", ".join(f"{v:.6g}" for v in a[:n])
+    return f"[{text}{', ...' if a.size > n else ''}]" if a.size > 1 else text
+
+
+def _group_summary(g: dict[str, Any]) -> dict[str, str]:
+    """What a reader wants first from a measured group: what, on which data, the headline numbers, cost."""
+    import numpy as np
+
+    a = g["attrs"]
+    measures = a.get("measures", a.get("measure", "?"))
+    out = {"measure": ", ".join(measures) if isinstance(measures, list) else str(measures)}
+    if "split" in a:
+        out["data"] = (f"split {a['split']}, {a.get('n_samples')} samples, space {a.get('space')}, "
+                       f"{a.get('n_params', '?')} parameters")
+    if "differentiated" in a:
+        out["differentiated"] = str(a["differentiated"])
+    if "eigenvalues" in g:
+        out["eigenvalues"] = _fmt(g["eigenvalues"])
+    if "bottom_eigenvalues" in g:
+        out["bottom"] = _fmt(g["bottom_eigenvalues"])
+    if "trace" in g:
+        ci = g.get("trace_ci")
+        out["trace"] = _fmt(g["trace"]) + (f" (95% CI {_fmt(ci[0])} .. {_fmt(ci[1])})" if ci is not None else "")
+    if "density" in g and "density_spectrum_min" in a:
+        out["density"] = f"spectrum [{_fmt(a['density_spectrum_min'])}, {_fmt(a['density_spectrum_max'])}]"
+    if "done" in g:
+        done = np.asarray(g["done"])
+        shape = "x".join(str(s) for s in done.shape[::-1])
+        out["grid"] = (f"{a.get('kind', '?')} {a.get('dims', done.ndim)}-D, {shape} points, {int(done.sum())}/"
+                       f"{done.size} done")
+        if "origin_loss" in a:
+            out["origin loss"] = _fmt(a["origin_loss"])
+        if done.any() and "loss" in g:
+            out["loss range"] = f"{_fmt(np.nanmin(g['loss']))} .. {_fmt(np.nanmax(g['loss']))}"
+    if "n_hvp" in a or "seconds" in a or "cost_seconds" in a:
+        hvps = f"{a['n_hvp']} HVPs, " if "n_hvp" in a else ""
+        out["cost"] = f"{hvps}{float(a.get('seconds', a.get('cost_seconds', 0.0))):.1f} s"
+    return out
