@@ -62,6 +62,9 @@ def test_ranges_and_coarse_to_fine_schedule():
     for bad in ("1:0:5", "-1:1", "a:b:c", "-1:1:0", "0:1:1"):
         with pytest.raises(FlatlensError):
             parse_range(bad)
+    with pytest.raises(FlatlensError, match=r"keep MIN and MAX within ±1e\+06"):  # was a float32 overflow traceback
+        parse_range("-1e308:1e308:3")
+    assert parse_range("-1e6:1e6:3").values[0] == -1e6
     assert stride_chain(51) == [50, 25, 5, 1] and stride_chain(21) == [20, 10, 5, 1] and stride_chain(2) == [1]
     s = schedule(11, 7)
     assert s.shape == (7, 11) and sorted(s.order.tolist()) == list(range(77))

@@ -54,6 +54,11 @@ class Axis:
         return [float(self.start), float(self.stop), int(self.num)]
 
 
+MAX_COORDINATE = 1e6
+"""Largest |coordinate| of a grid: far beyond any meaningful loss surface (at 1e6 the weights are
+swamped by a direction of their own size), and well inside float32 once multiplied by a direction."""
+
+
 def parse_range(text: str | Axis, what: str = "--range") -> Axis:
     """``"-1:1:51"`` -> Axis(-1, 1, 51). Ends may be 0 (``0:1:11`` is fine, unlike the reference tool)."""
     if isinstance(text, Axis):
@@ -68,6 +73,9 @@ def parse_range(text: str | Axis, what: str = "--range") -> Axis:
         raise FlatlensError(f"{what} {text!r} is not MIN:MAX:NUM with numbers (e.g. -1:1:51)") from None
     if not (math.isfinite(start) and math.isfinite(stop)):
         raise FlatlensError(f"{what} {text!r}: MIN and MAX must be finite")
+    if max(abs(start), abs(stop)) > MAX_COORDINATE:  # 1e308 overflowed float32 inside the perturbation
+        raise FlatlensError(f"{what} {text!r}: coordinates are multiples of the direction (of the weights' size, "
+                            f"or the distance to another checkpoint); keep MIN and MAX within ±{MAX_COORDINATE:g}")
     if num < 1:
         raise FlatlensError(f"{what} {text!r}: NUM must be >= 1")
     if num > 1 and not stop > start:
