@@ -408,6 +408,9 @@ def test_bad_arguments_are_one_line_flatlens_errors():
         with pytest.raises(FlatlensError, match="grid=1 is not an int >= 2"):
             call()
     assert obj.n_hvp == n_hvp  # a bad grid fails before the Lanczos runs (it used to fail after all their HVPs)
+    with pytest.raises(FlatlensError, match="grid=100,000,000 points; a density curve needs far fewer"):
+        fl.hessian.density(obj, 2, 5, grid=10**8)  # the smoothing ran the machine out of memory (killed)
+    assert obj.n_hvp == n_hvp
     for bad in (0, -3, 2.5, "10"):  # not a basis size: named, not "pick a smaller sketch_size" or a TypeError
         with pytest.raises(FlatlensError, match="sketch_size=.* is not an int >= 1"):
             fl.hessian.trace(obj, sketch_size=bad)

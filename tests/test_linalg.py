@@ -474,3 +474,26 @@ def test_blocked_reductions_match_float64():
     assert torch.allclose(L._rows_dot(Q, a).double(), Q.double() @ a.double(), rtol=1e-5, atol=1e-5 * math.sqrt(exact))
     small = torch.randn(100, dtype=torch.float64, generator=g)
     assert L._dot(small, small) == float(small @ small)  # short or float64: plain BLAS
+
+
+def test_bases_that_cannot_fit_in_memory_are_one_line_errors(monkeypatch):
+    """A Krylov basis of m x n values is the one allocation that can exceed the machine (1,000 Lanczos
+    vectors of ResNet-18: 44 GB). --density-steps 100000 or a krylov/Hutch++ trace with a huge --max-hvp
+    died in the allocator ("DefaultCPUAllocator: can't allocate memory"), or were OOM-killed later. They
+    are refused up front, saying how much they need; and --eig-max-iter is a cap, so the eigenvalue
+    basis grows as the run needs it instead of reserving max_iter x n."""
+    import flatlens.measure.linalg as L
+
+    A = torch.diag(torch.linspace(1.0, 2.0, 300, dtype=torch.float64))
+    monkeypatch.setattr(L, "available_bytes", lambda device: 80 * 300 * 8)  # room for 80 vectors of 300
+    with pytest.raises(ValueError, match=r"the Lanczos bases of 1 probe\(s\) x 100 steps needs 0.2 MiB \(1 x 100 x "
+                                         r"300 float64 values\) and cpu has 0.2 MiB available; lower n_steps"):
+        L.slq_density(A, 1, 100)
+    with pytest.raises(ValueError, match="the Hutch\\+\\+ sketch of 100 vectors needs"):
+        L.hutchpp(A, max_matvec=300)
+    gapped = torch.diag(torch.cat([torch.tensor([10.0], dtype=torch.float64), torch.linspace(1.0, 2.0, 299,
+                                                                                         dtype=torch.float64)]))
+    r = L.lanczos_eigenvalues(gapped, k_top=1, tol=1e-6, max_iter=10**9, generator=0)  # a cap: no reservation
+    assert r.converged.all() and r.iterations < 40  # in the first 64 rows
+    with pytest.raises(ValueError, match="the Lanczos basis of .* steps needs .*lower max_iter"):
+        L.lanczos_eigenvalues(A, k_top=1, tol=1e-15, atol=0.0, max_iter=10**9, generator=0)  # must grow past 80

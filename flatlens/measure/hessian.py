@@ -789,6 +789,10 @@ def _sketched_trace(op: L.SymmetricOperator, blocks: _Blocks | None, *, method: 
     chunk = 8
     Q = None
     if k:
+        with _user_errors():  # Y, and Q with the QR's workspace
+            L.require_memory((n, k), dtype, device, f"the Hutch++ sketch of {k:,} vectors",
+                             "lower --max-hvp (the sketch has max_hvp // 3 vectors) or use --trace-method hutchinson",
+                             copies=3)
         Y = torch.empty((n, k), dtype=dtype, device=device)
         for c0 in range(0, k, chunk):
             c = min(chunk, k - c0)

@@ -259,6 +259,69 @@ def _rows_dot(Q: Tensor, w: Tensor) -> Tensor:
     return torch.stack(parts).double().sum(dim=0).to(Q.dtype)
 
 
+def available_bytes(device: Any) -> int | None:
+    """Memory a new tensor on ``device`` can take now: free GPU memory (``torch.cuda.mem_get_info``) or
+    the system's ``MemAvailable`` (Linux; physical pages elsewhere); None when unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0])
+        except RuntimeError:
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes for a message: GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def require_memory(shape: tuple[int, ...], dtype: torch.dtype, device: Any, what: str, fix: str,
+                   copies: float = 1.0) -> None:
+    """A one-line ValueError unless ``copies`` tensors of ``shape`` fit in the memory ``device`` has
+    available now (see :func:`alloc_basis`; nothing is checked when that is unknown)."""
+    need = copies * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    avail = available_bytes(device)
+    if avail is not None and need > avail:
+        size = " x ".join(f"{s:,}" for s in shape)
+        raise ValueError(f"{what} needs {_bytes(need)} ({size} {str(dtype).replace('torch.', '')} values"
+                         + (f", {copies:g} copies" if copies != 1 else "") + f") and {torch.device(device).type} has "
+                         f"{_bytes(avail)} available; {fix}.")
+
+
+def alloc_basis(shape: tuple[int, ...], dtype: torch.dtype, device: Any, what: str, fix: str) -> Tensor:
+    """``torch.empty(shape)`` for a Krylov basis, or a one-line ValueError saying how much it needs.
+
+    An ``m x n`` basis of a large model is the one allocation here that can exceed the machine: 1,000
+    Lanczos vectors of ResNet-18 are 44 GB in float32. Without this check the allocator's refusal was
+    a traceback from deep inside ("DefaultCPUAllocator: can't allocate memory"), and an allocation the
+    kernel accepted lazily could end in the OOM killer hours later. Checked against what is available
+    now (:func:`available_bytes`), then the allocation itself.
+    """
+    require_memory(shape, dtype, device, what, fix)
+    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    size = " x ".join(f"{s:,}" for s in shape)
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "out of memory" not in str(exc):
+            raise
+        raise ValueError(f"{what} needs {_bytes(need)} ({size} {str(dtype).replace('torch.', '')} values), "
+                         f"more than {torch.device(device).type} can allocate; {fix}.") from None
+
+
 def _check_int(name: str, value: Any, lo: int, fix: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < lo:
         raise ValueError(f"{name}={value!r} is not an int >= {lo}; {fix}.")
@@ -548,7 +611,20 @@ def lanczos_eigenvalues(
             raise ValueError(f"init holds a basis of shape {tuple(init.basis.shape)} with {init.m} alphas; "
                              f"pass a LanczosState of this operator (n={n}).")
         m_max = max(m_max, init.m)
-    Q = torch.empty((m_max, n), dtype=dtype, device=device)  # rows are written before use (lazy pages)
+    fix = "lower max_iter (--eig-max-iter) or k (--k, --k-bottom), or measure fewer parameters"
+
+    def room(Q: Tensor, rows: int) -> Tensor:
+        """``Q`` with at least ``rows`` rows: max_iter is a cap, so the basis grows by doubling as the
+        run needs it instead of reserving max_iter x n up front."""
+        if rows <= Q.shape[0]:
+            return Q
+        bigger = alloc_basis((min(m_max, max(rows, 2 * Q.shape[0])), n), dtype, device,
+                             f"the Lanczos basis of {rows} steps", fix)
+        bigger[: Q.shape[0]] = Q
+        return bigger
+
+    first = max(init.m + 1 if init is not None else 1, min(m_max, 64))
+    Q = alloc_basis((min(m_max, first), n), dtype, device, f"the Lanczos basis of {min(m_max, first)} steps", fix)
     if init is not None:
         Q[: init.m] = init.basis.to(dtype=dtype, device=device)
     elif v0 is not None:
@@ -625,9 +701,11 @@ def lanczos_eigenvalues(
             rn = _norm(r)
             if rn <= 1e3 * eps * r0:  # the basis spans everything reachable: nothing left
                 break
+            Q = room(Q, m + 1)
             Q[m] = r / rn
         else:
             betas.append(beta)
+            Q = room(Q, m + 1)
             Q[m] = w / beta
 
     if m < k:  # only possible if the whole space was exhausted early (cannot happen when k <= n)
@@ -1011,6 +1089,11 @@ def hutchpp(
     dtype, device = op.dtype, op.device
     start = op.n_matvec
 
+    # the sketch S, its image Y and Q, plus the draw's int64 and float64 copies on CPU
+    require_memory((n, k), dtype, device, f"the Hutch++ sketch of {k:,} vectors",
+                   "lower max_matvec or sketch_size (--max-hvp), or use hutchinson", copies=3)
+    require_memory((n, k), torch.float64, "cpu", f"drawing the Hutch++ sketch of {k:,} vectors",
+                   "lower max_matvec or sketch_size (--max-hvp), or use hutchinson", copies=2)
     S = rademacher(n, k, gen, dtype, device)
     Y = op.matmat(S)
     Q, _ = torch.linalg.qr(Y)
@@ -1532,6 +1615,10 @@ class SLQResult:
         return float((self.weights * nodes**p).sum(dim=1).mean())
 
 
+MAX_DENSITY_GRID = 1_000_000
+"""Most points of a smoothed density's grid (8 MB of float64 in the file)."""
+
+
 def check_density_args(n_probes: Any, n_steps: Any, *, grid: Any = 1001, sigma: Any = None, pad: Any = None
                        ) -> tuple[int, int, int | Tensor, float | None, float | None]:
     """Validate :func:`slq_density`'s arguments before any operator application.
@@ -1547,6 +1634,10 @@ def check_density_args(n_probes: Any, n_steps: Any, *, grid: Any = 1001, sigma: 
             raise ValueError("grid tensor must be 1-D with >= 2 points; pass e.g. torch.linspace(a, b, 1001).")
     else:
         grid = _check_int("grid", grid, 2, "pass a number of grid points or a 1-D tensor")
+    points = grid.numel() if isinstance(grid, Tensor) else grid
+    if points > MAX_DENSITY_GRID:  # 1e8 points ran the machine out of memory (the process was killed)
+        raise ValueError(f"grid={points:,} points; a density curve needs far fewer: pass at most "
+                         f"{MAX_DENSITY_GRID:,} (the default is 1001).")
     if sigma is not None:
         sigma = _check_pos("sigma", sigma, "pass a positive kernel width or None for the default")
     if pad is not None:
@@ -1600,7 +1691,10 @@ def slq_density(
     p = n_probes
     start = op.n_matvec
 
-    Q = torch.empty((p, m, n), dtype=dtype, device=device)  # rows are written before use (lazy pages)
+    Q = alloc_basis((p, m, n), dtype, device, f"the Lanczos bases of {p} probe(s) x {m} steps",
+                    "lower n_steps or n_probes (--density-steps, --density-probes); for a krylov trace, whose "
+                    "basis has max_hvp // 3 steps (or the dimension when it is at most max_hvp), lower --max-hvp "
+                    "or use --trace-method hutchinson")
     Q[:, 0, :] = (rademacher(n, p, gen, dtype, device) / math.sqrt(n)).T
     state: LanczosState | None = None
     alphas = [[] for _ in range(p)]
@@ -1665,7 +1759,9 @@ def slq_density(
     for i in range(p):
         ok = np.isfinite(nodes[i])
         th, w = nodes[i, ok], weights[i, ok]
-        dens += (w[None, :] * np.exp(-0.5 * ((g[:, None] - th[None, :]) / sigma) ** 2)).sum(axis=1)
+        for s in range(0, g.size, 1 << 15):  # in chunks: (grid x nodes) at once was GBs for a fine grid
+            gs = g[s:s + (1 << 15)]
+            dens[s:s + gs.size] += (w[None, :] * np.exp(-0.5 * ((gs[:, None] - th[None, :]) / sigma) ** 2)).sum(axis=1)
     dens *= norm / p
     f64 = torch.float64
     return SLQResult(
