@@ -169,6 +169,21 @@ def test_objective_has_no_side_effects():
     assert all(p.grad is None for p in net.parameters())
 
 
+def test_a_split_too_large_to_cache_is_refused_before_loading(tiny_run, monkeypatch):
+    """The Objective caches its samples as tensors; a whole large split (DomainNet's train split at
+    224x224 is ~90 GB) ran the machine out of memory while loading. It is refused first, naming --samples."""
+    import flatlens.measure.linalg as L
+
+    run = fl.load_checkpoint(tiny_run / "model.pt")
+    loads = []
+    monkeypatch.setattr(type(run.dataset.domains[0]), "load", lambda self, idx: loads.append(idx))
+    monkeypatch.setattr(L, "available_bytes", lambda device: 10 * 16 * 16 * 4)  # room for 10 samples
+    with pytest.raises(FlatlensError, match=r"caching 1,200 samples of split 'train' needs 1.2 MiB \(1,200 x 1 x 16 "
+                                            r"x 16 float32 values\) .*pass --samples N"):
+        Objective(run, split="train")
+    assert not loads
+
+
 def test_objective_on_a_checkpoint(tiny_run):
     run = fl.load_checkpoint(tiny_run / "model.pt")
     state = model_state_hash(run.model)

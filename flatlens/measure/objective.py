@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from flatlens import distributed as D
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import HessianVectorProduct, check_kernel, make_loss_fn
-from flatlens.measure.linalg import _check_int
+from flatlens.measure.linalg import _check_int, require_memory
 from flatlens.measure.params import (
     ParamSpace, include_groups, inert_step_sizes, parameter_groups, select_parameters,
 )
@@ -214,6 +214,12 @@ class Objective:
                 ids = ids[pick.sort().values]
         self.sample_ids = ids
         mine = ids[self.ctx.rank::self.ctx.world_size]
+        try:  # the samples are cached as tensors: a whole DomainNet split at 224x224 is ~90 GB
+            require_memory((len(mine), *run.dataset.input_shape), torch.float32, self.device,
+                           f"caching {len(mine):,} samples of split {self.split!r}",
+                           "pass --samples N (a seeded subset), or shard them over more processes (torchrun)")
+        except ValueError as exc:
+            raise FlatlensError(str(exc)) from None
         batches = []
         for chunk in torch.split(mine, self.batch_size):
             xs, ys = [], []
