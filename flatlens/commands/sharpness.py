@@ -75,8 +75,7 @@ def build_objective(args: argparse.Namespace):
     ctx = D.current()
     device = D.resolve_device(args.device, ctx.local_rank)
     run = fl.load_checkpoint(args.checkpoint, device=device, data_root=args.data_root)
-    include = tuple(x.strip() for x in args.include.split(",") if x.strip())
-    return Objective(run, split=args.split, samples=args.samples, space=args.space, include=include,
+    return Objective(run, split=args.split, samples=args.samples, space=args.space, include=args.include,
                      select=args.params, exclude=args.exclude, seed=args.seed, batch_size=args.batch_size,
                      kernel=args.kernel, device=device)
 
