@@ -497,3 +497,34 @@ def test_bases_that_cannot_fit_in_memory_are_one_line_errors(monkeypatch):
     assert r.converged.all() and r.iterations < 40  # in the first 64 rows
     with pytest.raises(ValueError, match="the Lanczos basis of .* steps needs .*lower max_iter"):
         L.lanczos_eigenvalues(A, k_top=1, tol=1e-15, atol=0.0, max_iter=10**9, generator=0)  # must grow past 80
+
+
+def test_available_memory_respects_the_memory_cgroup(tmp_path, monkeypatch):
+    """A SLURM job or a container is limited by its memory cgroup, not by the machine's MemAvailable
+    (a 16 GB job on a 512 GB node). The room is the tightest limit minus the working set (usage less
+    inactive page cache, which the kernel reclaims first); cgroup v2 and v1."""
+    import flatlens.measure.linalg as L
+
+    real_read = L._read
+    v2 = tmp_path / "v2"
+    (v2 / "slurm" / "job_7").mkdir(parents=True)
+    (v2 / "slurm" / "job_7" / "memory.max").write_text(f"{16 * 2**30}\n")
+    (v2 / "slurm" / "job_7" / "memory.current").write_text(f"{6 * 2**30}\n")
+    (v2 / "slurm" / "job_7" / "memory.stat").write_text(f"anon 1\ninactive_file {2 * 2**30}\n")
+    (v2 / "slurm" / "memory.max").write_text("max\n")  # an unlimited parent does not count
+    (v2 / "slurm" / "memory.current").write_text("1\n")
+    monkeypatch.setattr(L, "CGROUP_ROOT", str(v2))
+    monkeypatch.setattr(L, "_read", lambda p: "0::/slurm/job_7\n" if p == "/proc/self/cgroup" else real_read(p))
+    assert L._cgroup_room() == 12 * 2**30  # 16 - (6 - 2)
+    assert L.available_bytes("cpu") <= 12 * 2**30
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)  # namespaced: the job's cgroup is the mount's root
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{2**30}\n")
+    (v1 / "memory" / "memory.stat").write_text("total_inactive_file 0\n")
+    monkeypatch.setattr(L, "CGROUP_ROOT", str(v1))
+    monkeypatch.setattr(L, "_read", lambda p: ("4:memory:/docker/abc\n1:cpu:/\n" if p == "/proc/self/cgroup"
+                                               else real_read(p)))
+    assert L._cgroup_room() == 2**30
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
+    assert L._cgroup_room() is None

@@ -259,28 +259,80 @@ def _rows_dot(Q: Tensor, w: Tensor) -> Tensor:
     return torch.stack(parts).double().sum(dim=0).to(Q.dtype)
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+"""Where the cgroup file systems are mounted (a parameter for tests)."""
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's memory cgroup (a SLURM job, a container) still has room for, or None.
+
+    ``MemAvailable`` is the whole machine's: a job limited to 16 GB on a 512 GB node would pass any
+    check against it and then be OOM-killed. Room = limit - (usage - inactive file cache), the working
+    set, since the kernel reclaims inactive page cache before it kills (cgroup v2, then v1; the
+    tightest limit on the path from this process's cgroup to the root).
+    """
+    import os
+
+    cg = _read("/proc/self/cgroup") or ""
+    rooms = []
+    for line in cg.splitlines():
+        hier, _, controllers_path = line.partition(":")
+        controllers, _, rel = controllers_path.partition(":")
+        v2 = hier == "0" and controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        base = CGROUP_ROOT if v2 else os.path.join(CGROUP_ROOT, "memory")
+        names = ("memory.max", "memory.current", "inactive_file") if v2 else (
+            "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        parts = [p for p in rel.strip().split("/") if p]
+        for depth in range(len(parts), -1, -1):  # this cgroup, then its parents (a namespaced root is "/")
+            d = os.path.join(base, *parts[:depth])
+            limit = (_read(os.path.join(d, names[0])) or "").strip()
+            usage = (_read(os.path.join(d, names[1])) or "").strip()
+            if not limit.isdigit() or not usage.isdigit() or int(limit) >= 2**60:
+                continue
+            inactive = 0
+            for stat_line in (_read(os.path.join(d, "memory.stat")) or "").splitlines():
+                key, _, value = stat_line.partition(" ")
+                if key == names[2] and value.strip().isdigit():
+                    inactive = int(value)
+            rooms.append(int(limit) - max(int(usage) - inactive, 0))
+    return min(rooms) if rooms else None
+
+
 def available_bytes(device: Any) -> int | None:
-    """Memory a new tensor on ``device`` can take now: free GPU memory (``torch.cuda.mem_get_info``) or
-    the system's ``MemAvailable`` (Linux; physical pages elsewhere); None when unknown."""
+    """Memory a new tensor on ``device`` can take now: free GPU memory (``torch.cuda.mem_get_info``), or
+    the system's ``MemAvailable`` (Linux; physical pages elsewhere) capped by the room left in this
+    process's memory cgroup (:func:`_cgroup_room`); None when unknown."""
     dev = torch.device(device)
     if dev.type == "cuda":
         try:
             return int(torch.cuda.mem_get_info(dev)[0])
         except RuntimeError:
             return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import os
+    system = None
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            system = int(line.split()[1]) * 1024
+    if system is None:
+        try:
+            import os
 
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+            system = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            system = None
+    room = _cgroup_room()
+    if room is None:
+        return system
+    return max(room, 0) if system is None else max(min(system, room), 0)
 
 
 def _bytes(n: float) -> str:
