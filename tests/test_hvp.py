@@ -364,3 +364,27 @@ def test_bad_arguments():
         with pytest.raises(ValueError) as ei:
             call()
         assert "\n" not in str(ei.value)
+
+
+def test_auto_leaves_out_graph_reuse_when_its_retained_graphs_would_not_fit(monkeypatch):
+    """graph_reuse keeps one retained graph per batch for the whole measurement; timed on one batch it
+    won even where the graphs of all batches (ResNet-50 at 224x224: tens of MB per image) could never
+    fit, and the run was OOM-killed. Its saved tensors are counted on the timing batch; when
+    n_batches times that exceeds the memory available, auto picks the next kernel and says why."""
+    import flatlens.measure.hvp as H
+
+    model = _cnn(torch.float32)
+    loss_fn = make_loss_fn(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 2, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    sel = select_kernel(loss_fn, params, batches[0], candidates=("graph_reuse", "double_backward"), n_batches=4)
+    per_batch = sel.graph_bytes
+    assert per_batch > 8 * 2 * 8 * 8 * 4  # at least the input batch's activations
+    monkeypatch.setattr(H, "available_bytes", lambda device: int(per_batch * 2))  # room for 2 of the 4 graphs
+    sel = select_kernel(loss_fn, params, batches[0], candidates=("graph_reuse", "double_backward"), n_batches=4)
+    assert sel.kernel == "double_backward" and "graph_reuse" not in sel.seconds
+    assert sel.errors["graph_reuse"].startswith("its retained graphs of 4 batches would hold ~")
+    eng = HessianVectorProduct(loss_fn, params, batches, kernel="auto", candidates=("graph_reuse", "double_backward"))
+    assert eng.kernel == "double_backward"
+    assert select_kernel(loss_fn, params, batches[0], candidates=("graph_reuse",), n_batches=1).kernel == "graph_reuse"

@@ -124,10 +124,14 @@ def run(args: argparse.Namespace) -> int:
         say(f"differentiated: {obj.differentiated}"
             + ("; BatchNorm in eval mode (running statistics)" if has_bn else "; no BatchNorm layers"))
         rows: list[tuple[str, str, str]] = []
+        kernel_said = False
         for step in plan(names, args):
             name = step.label
             est = step.estimate(obj, args)
             hvp_s = _hvp_seconds(obj, t_forward) if est.n_hvp else 0.0
+            if est.n_hvp and not kernel_said:
+                say(_kernel_line(obj))
+                kernel_said = True
             eta = est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward + (est.seconds or 0.0)
             say(f"[{name}] predicted cost: {est.n_hvp} HVPs, {est.n_forward} forward passes"
                 + (f", {est.n_grad} gradients" if est.n_grad else "") + f" ≈ {_fmt_seconds(eta)}"
@@ -154,6 +158,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         D.teardown(ctx, finished)
     return 0
+
+
+def _kernel_line(obj) -> str:
+    """Which HVP kernel runs, and why (the timings of ``auto``, and any kernel it left out)."""
+    eng = obj.hvp_engine
+    sel = getattr(eng, "selection", None)
+    if sel is None or not sel.seconds:
+        return f"HVP kernel: {eng.kernel} (--kernel)"
+    timed = ", ".join(f"{k} {sel.ratio[k]:.2f}x" for k in sorted(sel.seconds, key=sel.seconds.get))
+    left = "; ".join(f"{k} left out: {why}" for k, why in sel.errors.items())
+    return f"HVP kernel: {eng.kernel} (auto; per probe, in gradients of one batch: {timed})" + (f"; {left}" if left else "")
 
 
 def _hvp_seconds(obj, t_forward: float) -> float:

@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .linalg import SymmetricOperator
+from .linalg import SymmetricOperator, _bytes, available_bytes
 
 __all__ = [
     "LossFn",
@@ -282,7 +282,7 @@ class HessianVectorProduct:
         self._grad: Tensor | None = None
         self._vector_ok = True
         if kernel == "auto":
-            self.selection = select_kernel(loss_fn, params, batches[0], candidates=candidates)
+            self.selection = select_kernel(loss_fn, params, batches[0], candidates=candidates, n_batches=len(batches))
             kernel = self.selection.kernel
         self.kernel = kernel
 
@@ -578,6 +578,33 @@ class KernelSelection:
     repeats: int = 3
     block: int = 1
     pruned: list[str] = field(default_factory=list)
+    graph_bytes: float = math.nan
+    """Bytes of the tensors ``graph_reuse``'s retained graph of the timing batch holds (its saved
+    activations); ``graph_reuse`` keeps one such graph per batch for the whole measurement."""
+
+
+class _SavedBytes:
+    """``saved_tensors_hooks`` pair that adds up the distinct storages autograd saves (the
+    parameters' own storages excluded: they exist anyway)."""
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        self.seen = {p.untyped_storage().data_ptr() for p in params.values()}
+        self.bytes = 0
+
+    def pack(self, t: Tensor) -> Tensor:
+        try:
+            ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without plain storage (functorch wrapper...)
+            ptr, size = None, t.numel() * t.element_size()
+        if ptr is None or ptr not in self.seen:
+            if ptr is not None:
+                self.seen.add(ptr)
+            self.bytes += size
+        return t
+
+    @staticmethod
+    def unpack(t: Tensor) -> Tensor:
+        return t
 
 
 def _sync(device: torch.device) -> None:
@@ -597,6 +624,8 @@ def select_kernel(
     agree_rtol: float | None = None,
     seed: int = 0,
     prune: float = 1.25,
+    n_batches: int = 1,
+    memory_fraction: float = 0.8,
 ) -> KernelSelection:
     """Time each candidate kernel on ONE batch and return the fastest that works and agrees.
 
@@ -614,6 +643,13 @@ def select_kernel(
     more than ``agree_rtol`` (relative, default ``sqrt(eps) / 10`` of the dtype) is excluded, with the
     reason in ``errors``. All engines live until the end of the timing (``graph_reuse`` keeps its
     retained graph of the one batch meanwhile).
+
+    ``graph_reuse`` keeps one retained graph per batch for the whole measurement: ``n_batches`` times
+    the saved tensors of the timing batch's graph (``graph_bytes``, counted with
+    ``saved_tensors_hooks``). When that exceeds ``memory_fraction`` of the memory available it is
+    excluded, with the figures in ``errors`` (ResNet-50 at 224x224 keeps tens of MB per image, so a
+    few thousand images would not fit anywhere, and the fastest kernel on one batch would have been
+    OOM-killed on the whole set).
     """
     bad = [c for c in candidates if c not in KERNELS]
     if bad or not candidates:
@@ -652,7 +688,16 @@ def select_kernel(
             eng = HessianVectorProduct(loss_fn, params, [batch], kernel=name, batched=batched)
             try:
                 if name == "graph_reuse":
-                    sel.setup_seconds = timed(eng.prepare)
+                    saved = _SavedBytes(params)
+                    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                        sel.setup_seconds = timed(eng.prepare)
+                    sel.graph_bytes = float(saved.bytes)
+                    need, avail = saved.bytes * max(int(n_batches), 1), available_bytes(device)
+                    if avail is not None and need > memory_fraction * avail:
+                        sel.errors[name] = (f"its retained graphs of {n_batches} batches would hold ~{_bytes(need)}, "
+                                            f"{_bytes(avail)} available")
+                        eng.release()
+                        continue
                 out = apply(eng).reshape(n, -1)
             except Exception as exc:  # noqa: BLE001 - any failure just excludes the kernel
                 fail(name, exc)

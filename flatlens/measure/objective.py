@@ -320,7 +320,7 @@ class Objective:
                 if kernel == "auto":
                     from flatlens.measure.hvp import select_kernel
 
-                    selection = select_kernel(loss_fn, params, self.batches[0])
+                    selection = select_kernel(loss_fn, params, self.batches[0], n_batches=len(self.batches))
                     kernel = str(D.broadcast_object(self.ctx, selection.kernel))
                 self._hvp = HessianVectorProduct(loss_fn, params, self.batches, kernel=kernel)
                 self._hvp.selection = selection
