@@ -184,6 +184,34 @@ def test_a_split_too_large_to_cache_is_refused_before_loading(tiny_run, monkeypa
     assert not loads
 
 
+def test_a_batch_whose_hvp_graph_cannot_fit_is_refused_with_a_batch_size_that_fits(tiny_run, monkeypatch):
+    """Every kernel holds one batch's double-backward graph; a ResNet-50 batch of 256 at 224x224 keeps
+    tens of GB (OOM-killed on CPU, every kernel failing on CUDA). The graph of two samples is counted
+    and scaled; too large, the first HVP is a one-line error naming a --batch-size that fits."""
+    import flatlens.measure.linalg as L
+    from flatlens.measure.hvp import graph_bytes, make_loss_fn
+
+    run = fl.load_checkpoint(tiny_run / "model.pt")
+    obj = Objective(run, samples=64, batch_size=32)
+    x, y = obj.batches[0]
+    params = dict(zip(obj.space.names, obj.space.params))
+    with obj._eval():
+        one, two, four = (graph_bytes(make_loss_fn(obj.model), params, (x[:k], y[:k])) for k in (1, 2, 4))
+    per_sample = two - one
+    assert per_sample > 0 and four == pytest.approx(one + 3 * per_sample, rel=0.02)  # affine in the samples
+    monkeypatch.setattr(L, "available_bytes", lambda device: int(10 * one))
+    with pytest.raises(FlatlensError, match=r"one batch of 32 samples keeps ~.* for its Hessian-vector products "
+                                            r"and cpu has .* available; pass --batch-size \d+ or less") as err:
+        obj.hvp(torch.ones(obj.space.numel))
+    assert obj.n_hvp == 0
+    import re
+
+    fit = int(re.search(r"--batch-size (\d+)", str(err.value)).group(1))
+    assert 1 <= fit < 32
+    smaller = Objective(run, samples=64, batch_size=fit)  # the suggested size passes the same check
+    assert smaller.hvp(torch.ones(smaller.space.numel)).isfinite().all()
+
+
 def test_objective_on_a_checkpoint(tiny_run):
     run = fl.load_checkpoint(tiny_run / "model.pt")
     state = model_state_hash(run.model)

@@ -612,6 +612,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def graph_bytes(loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any) -> int:
+    """Bytes of the tensors autograd saves to differentiate the gradient of ``loss_fn`` on ``batch``
+    (a forward plus a ``create_graph`` backward): what every kernel holds for one batch while it
+    computes an HVP, and what ``graph_reuse`` keeps per batch. Counted with ``saved_tensors_hooks``
+    (distinct storages, the parameters' own excluded)."""
+    saved = _SavedBytes(params)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        loss, _ = loss_fn(leaves, batch)
+        torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+    return saved.bytes
+
+
 def select_kernel(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
@@ -691,7 +704,7 @@ def select_kernel(
                     saved = _SavedBytes(params)
                     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                         sel.setup_seconds = timed(eng.prepare)
-                    sel.graph_bytes = float(saved.bytes)
+                    sel.graph_bytes = float(saved.bytes)  # what graph_bytes() gives, counted in passing
                     need, avail = saved.bytes * max(int(n_batches), 1), available_bytes(device)
                     if avail is not None and need > memory_fraction * avail:
                         sel.errors[name] = (f"its retained graphs of {n_batches} batches would hold ~{_bytes(need)}, "

@@ -316,6 +316,7 @@ class Objective:
             with self._eval():
                 params = dict(zip(self.space.names, self.space.params))
                 loss_fn = make_loss_fn(self.model)
+                self._check_batch_memory(loss_fn, params)
                 kernel, selection = self.kernel_name, None
                 if kernel == "auto":
                     from flatlens.measure.hvp import select_kernel
@@ -325,6 +326,28 @@ class Objective:
                 self._hvp = HessianVectorProduct(loss_fn, params, self.batches, kernel=kernel)
                 self._hvp.selection = selection
         return self._hvp
+
+    def _check_batch_memory(self, loss_fn: Any, params: dict[str, Tensor]) -> None:
+        """Every kernel holds the double-backward graph of one batch; at 224x224 a ResNet-50 batch of 256
+        keeps tens of GB and the run was OOM-killed (CPU) or failed every kernel (CUDA). The graphs of one
+        and of two samples are counted (a constant part plus a part per sample: eval mode makes the
+        samples independent) and scaled to the largest batch."""
+        from flatlens.measure.hvp import graph_bytes
+        from flatlens.measure.linalg import _bytes, available_bytes
+
+        avail = available_bytes(self.device)
+        if avail is None:
+            return
+        x, y = self.batches[0]
+        one = graph_bytes(loss_fn, params, (x[:1], y[:1]))
+        per_sample = max(graph_bytes(loss_fn, params, (x[:2], y[:2])) - one, 0) if y.shape[0] > 1 else one
+        fixed = max(one - per_sample, 0)
+        largest = max(int(b[1].shape[0]) for b in self.batches)
+        if fixed + per_sample * largest > 0.8 * avail:
+            fit = max(1, int((0.8 * avail - fixed) / max(per_sample, 1)))
+            raise FlatlensError(f"one batch of {largest} samples keeps ~{_bytes(fixed + per_sample * largest)} for its "
+                                f"Hessian-vector products and {self.device.type} has {_bytes(avail)} available; pass "
+                                f"--batch-size {min(fit, largest - 1) if largest > 1 else 1} or less")
 
     def grad(self) -> Tensor:
         """Flat gradient of the mean loss w.r.t. the space's parameters (one forward+backward pass)."""
