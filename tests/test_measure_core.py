@@ -210,6 +210,10 @@ def test_a_batch_whose_hvp_graph_cannot_fit_is_refused_with_a_batch_size_that_fi
     assert 1 <= fit < 32
     smaller = Objective(run, samples=64, batch_size=fit)  # the suggested size passes the same check
     assert smaller.hvp(torch.ones(smaller.space.numel)).isfinite().all()
+    forced = Objective(run, samples=64, batch_size=fit, kernel="graph_reuse")  # all 64 samples' graphs: too much
+    with pytest.raises(FlatlensError, match=r"--kernel graph_reuse keeps the graphs of all \d+ batches .* use "
+                                            r"--kernel auto or double_backward"):
+        forced.hvp(torch.ones(forced.space.numel))
 
 
 def test_objective_on_a_checkpoint(tiny_run):

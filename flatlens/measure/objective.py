@@ -348,6 +348,11 @@ class Objective:
             raise FlatlensError(f"one batch of {largest} samples keeps ~{_bytes(fixed + per_sample * largest)} for its "
                                 f"Hessian-vector products and {self.device.type} has {_bytes(avail)} available; pass "
                                 f"--batch-size {min(fit, largest - 1) if largest > 1 else 1} or less")
+        kept = fixed * len(self.batches) + per_sample * self.n_local
+        if self.kernel_name == "graph_reuse" and kept > 0.8 * avail:  # asked for by name (auto weighs it itself)
+            raise FlatlensError(f"--kernel graph_reuse keeps the graphs of all {len(self.batches)} batches (~{_bytes(kept)}) "
+                                f"and {self.device.type} has {_bytes(avail)} available; use --kernel auto or "
+                                "double_backward, or fewer --samples")
 
     def grad(self) -> Tensor:
         """Flat gradient of the mean loss w.r.t. the space's parameters (one forward+backward pass)."""
