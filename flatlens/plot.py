@@ -91,13 +91,11 @@ class SurfaceData:
 
 def list_surfaces(path: str | Path) -> list[str]:
     """Names of the landscape groups in an analysis file."""
-    import h5py
-
     p = Path(path)
     if not p.exists():
         raise StoreError(f"analysis file not found: {p}")
     try:
-        with h5py.File(p, "r") as f:
+        with store.open_h5(p, "r") as f:
             g = f.get(GROUP_PREFIX)
             return sorted(k for k in g.keys() if "done" in g[k]) if g is not None else []
     except OSError as exc:
@@ -132,8 +130,6 @@ def run_figure_script(draw: Callable[[], Sequence[Path]]) -> int:
 
 def load_surface(path: str | Path, name: str | None = None, label: str | None = None) -> SurfaceData:
     """Read ``/landscape/<name>`` (the only one when ``name`` is None) without its directions."""
-    import h5py
-
     p = Path(path)
     names = list_surfaces(p)
     if name is None:
@@ -142,7 +138,7 @@ def load_surface(path: str | Path, name: str | None = None, label: str | None = 
         name = names[0]
     if name not in names:
         raise StoreError(f"{p} has no landscape {name!r}; it holds: {', '.join(names) or 'none'}")
-    with h5py.File(p, "r") as f:
+    with store.open_h5(p, "r") as f:
         g = f[f"{GROUP_PREFIX}/{name}"]
         attrs = {k: _decode(v) for k, v in g.attrs.items()}
         dims = int(attrs.get("dims", g["loss"].ndim))
@@ -444,9 +440,7 @@ def plot_spectrum(files: Sequence[str | Path], labels: Sequence[str], stem: str 
 # -- exports --------------------------------------------------------------------------------------
 
 def _read_directions(path: Path, name: str) -> tuple[list[str], list[tuple[int, ...]], dict[str, dict[str, np.ndarray]]]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
+    with store.open_h5(path, "r") as f:
         g = f[f"{GROUP_PREFIX}/{name}"]
         model_names = _decode(g["model_param_names"][()])
         shapes = [tuple(int(d) for d in str(s).split(",") if d != "") for s in _decode(g["model_param_shapes"][()])]

@@ -87,19 +87,18 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-_HELD: dict[str, list[int]] = {}
-"""Locks this process holds: lock file -> [descriptor, depth] (the lock is reentrant within a process)."""
+_HELD: dict[str, list[Any]] = {}
+"""Locks this process holds: lock file -> [descriptor, depth, exclusive] (reentrant within a process)."""
+
+HDF5_LOCK_WAIT = 60.0
+"""Seconds :func:`open_h5` waits for a file that HDF5 reports locked by another process."""
 
 
 @contextmanager
-def write_lock(path: str | Path) -> Iterator[None]:
-    """Hold the exclusive write lock of analysis file ``path`` (blocks while another process holds it).
-
-    An advisory ``flock`` on ``.NAME.lock`` in the same directory (left in place: it is empty, and the
-    kernel releases the lock of a killed process). Reentrant within one process. Readers do not lock:
-    a rename is atomic, and grid blocks mark themselves done after their values. Where ``fcntl`` does
-    not exist (Windows) there is no lock, and one writer at a time is the user's to ensure.
-    """
+def _file_lock(path: str | Path, exclusive: bool) -> Iterator[None]:
+    """An advisory ``flock`` on ``.NAME.lock`` beside ``path``: exclusive for writers, shared for
+    readers (see :func:`write_lock`). A reader that cannot open the lock file (a read-only folder of
+    someone else's results) reads without it."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -107,21 +106,42 @@ def write_lock(path: str | Path) -> Iterator[None]:
         return
     p = Path(path)
     key = str(p.parent.resolve() / f".{p.name}.lock")
-    if key in _HELD:
-        _HELD[key][1] += 1
+    held = _HELD.get(key)
+    if held is not None:
+        upgrade = exclusive and not held[2]
+        if upgrade:
+            fcntl.flock(held[0], fcntl.LOCK_EX)
+            held[2] = True
+        held[1] += 1
         try:
             yield
         finally:
-            _HELD[key][1] -= 1
+            held[1] -= 1
+            if upgrade:
+                fcntl.flock(held[0], fcntl.LOCK_SH)
+                held[2] = False
         return
+    if not exclusive and not p.is_file():  # nothing to read (an error follows): no lock file for it
+        yield
+        return
+    fd = None
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            p.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise StoreError(f"cannot write {p}: {_one_line(exc)}; choose another --out") from None
+        if exclusive:
+            raise StoreError(f"cannot write {p}: {_one_line(exc)}; choose another --out") from None
+        try:
+            fd = os.open(key, os.O_RDONLY)  # flock works on a read-only descriptor too
+        except OSError:
+            fd = None
+    if fd is None:
+        yield
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _HELD[key] = [fd, 1]
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        _HELD[key] = [fd, 1, exclusive]
         try:
             yield
         finally:
@@ -129,6 +149,56 @@ def write_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def write_lock(path: str | Path):
+    """Hold the exclusive write lock of analysis file ``path`` (blocks while another process holds it).
+
+    An advisory ``flock`` on ``.NAME.lock`` in the same directory (left in place: it is empty, and the
+    kernel releases the lock of a killed process). Reentrant within one process. flatlens' own readers
+    take it shared (:func:`open_h5`), so they never open the file while a grid block is written in
+    place. Where ``fcntl`` does not exist (Windows) there is no lock, and one writer at a time is the
+    user's to ensure.
+    """
+    return _file_lock(path, exclusive=True)
+
+
+def _locked_by_another(exc: OSError) -> bool:
+    return getattr(exc, "errno", None) == 11 or "unable to lock file" in str(exc)
+
+
+@contextmanager
+def open_h5(path: str | Path, mode: str = "r") -> Iterator[Any]:
+    """``h5py.File(path, mode)`` of an analysis file, under its lock: shared for ``"r"``, exclusive for
+    ``"r+"``.
+
+    HDF5 locks a file while it is open, so a reader holding it (a notebook's ``h5py.File(...)``, a plot)
+    made a landscape job's in-place block write fail with ``BlockingIOError: unable to lock file``, and a
+    read during a write failed the same way. flatlens' readers and writers exclude each other through
+    :func:`write_lock`; a file still held by another program is retried for :data:`HDF5_LOCK_WAIT`
+    seconds, then a one-line StoreError says what holds it.
+    """
+    h5py = _h5py()
+    with _file_lock(path, exclusive=mode != "r"):
+        deadline = time.monotonic() + HDF5_LOCK_WAIT
+        delay = 0.05
+        while True:
+            try:
+                f = h5py.File(path, mode)
+                break
+            except OSError as exc:
+                if not _locked_by_another(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{path} is held open by another program (HDF5 file lock), e.g. a notebook's "
+                                     "h5py.File(...); close it, then rerun" + (" (the run resumes)" if mode != "r"
+                                                                                else "")) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+        try:
+            yield f
+        finally:
+            f.close()
 
 
 def _remove_stale_copies(path: Path) -> None:
@@ -173,10 +243,9 @@ def _copy_on_write(path: Path) -> Iterator[Any]:
 
 def check_file(path: str | Path, checkpoint_sha256: str | None = None) -> None:
     """Raise StoreError unless ``path`` is a flatlens analysis file (of this checkpoint, when given)."""
-    h5py = _h5py()
     p = Path(path)
     try:
-        with h5py.File(p, "r") as f:
+        with open_h5(p, "r") as f:
             fmt = _decode(f.attrs.get("format", ""))
             sha = _decode(f.attrs.get("checkpoint_sha256", ""))
             version = int(f.attrs.get("schema_version", 0))
@@ -338,12 +407,11 @@ def _read_node(node) -> dict[str, Any]:
 
 def read(path: str | Path, group: str | None = None) -> dict[str, Any]:
     """The whole file (or one group) as nested dicts: ``{"attrs": {...}, name: array | dict, ...}``."""
-    h5py = _h5py()
     p = Path(path)
     if not p.exists():
         raise StoreError(f"analysis file not found: {p}")
     check_file(p)
-    with h5py.File(p, "r") as f:
+    with open_h5(p, "r") as f:
         if group is None:
             return _read_node(f)
         if group not in f:
@@ -355,7 +423,7 @@ def groups(path: str | Path) -> list[str]:
     """Top-level and nested group paths that carry a ``measure`` attribute (what was measured)."""
     h5py = _h5py()
     found: list[str] = []
-    with h5py.File(Path(path), "r") as f:
+    with open_h5(Path(path), "r") as f:
         def visit(name, obj):
             if isinstance(obj, h5py.Group) and "measure" in obj.attrs:
                 found.append(name)
@@ -395,24 +463,20 @@ class GridDatasets:
     def exists(self) -> bool:
         if not self.path.exists():
             return False
-        h5py = _h5py()
-        with h5py.File(self.path, "r") as f:
+        with open_h5(self.path, "r") as f:
             return self.name in f and "done" in f[self.name]
 
     def attrs(self) -> dict[str, Any]:
-        h5py = _h5py()
-        with h5py.File(self.path, "r") as f:
+        with open_h5(self.path, "r") as f:
             return {k: _decode(v) for k, v in f[self.name].attrs.items()}
 
     def done(self) -> np.ndarray:
-        h5py = _h5py()
-        with h5py.File(self.path, "r") as f:
+        with open_h5(self.path, "r") as f:
             return f[self.name]["done"][()]
 
     def write_block(self, index: Any, values: Mapping[str, np.ndarray]) -> None:
         """Write ``values[key][...]`` at ``index`` (a numpy index), then mark it done, then flush."""
-        h5py = _h5py()
-        with write_lock(self.path), h5py.File(self.path, "r+") as f:
+        with open_h5(self.path, "r+") as f:
             g = f[self.name]
             for key, v in values.items():
                 g[key][index] = v
@@ -429,11 +493,10 @@ class GridDatasets:
         in the box get their own unchanged values back (one writer), so a kill mid-write loses nothing
         else. Used for coarse-to-fine blocks, whose points are strided over the grid.
         """
-        h5py = _h5py()
         idx = tuple(np.asarray(i, dtype=np.int64) for i in index)
         box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
         local = tuple(i - int(i.min()) for i in idx)
-        with write_lock(self.path), h5py.File(self.path, "r+") as f:
+        with open_h5(self.path, "r+") as f:
             g = f[self.name]
             for key, v in values.items():
                 part = g[key][box]
@@ -450,8 +513,7 @@ class GridDatasets:
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         """Update attributes in place (small, fixed-size metadata such as running costs)."""
-        h5py = _h5py()
-        with write_lock(self.path), h5py.File(self.path, "r+") as f:
+        with open_h5(self.path, "r+") as f:
             for k, v in attrs.items():
                 f[self.name].attrs[k] = attr_value(v)
             f.flush()

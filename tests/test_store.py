@@ -190,3 +190,49 @@ def test_concurrent_writers_of_one_file_lose_nothing(tmp_path):
     grid = r["landscape"]["x"]
     assert grid["done"].all() and (grid["loss"] == np.arange(20.0)[:, None]).all()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+GRID_WRITER = r"""
+import sys, time
+import numpy as np
+from flatlens import store
+store.HDF5_LOCK_WAIT = float(sys.argv[3])
+g = store.GridDatasets(sys.argv[1], "landscape/x")
+for round_ in range(int(sys.argv[2])):
+    for row in range(20):
+        g.write_points((np.full(20, row), np.arange(20)), {"loss": np.full(20, float(row))}, {"n_done": row})
+print("written")
+"""
+
+
+def test_readers_and_in_place_writers_do_not_collide(tmp_path):
+    """HDF5 locks an open file: a read while a landscape block was written in place failed ('unable to
+    lock file', reported as 'not a readable HDF5 file'), and a reader holding the file made the writer
+    fail with a BlockingIOError traceback. flatlens' readers take the lock shared; a file held open by
+    another program (a notebook's h5py.File) is waited for, then a one-line error says what holds it."""
+    p = tmp_path / "a.h5"
+    store.ensure_file(p, {"checkpoint_sha256": "a" * 64, "config": {}})
+    store.GridDatasets(p, "landscape/x").create((20, 20), ["loss"], {}, {"measure": "landscape"})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    writer = subprocess.Popen([sys.executable, "-c", GRID_WRITER, str(p), "40", "60"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reads = 0
+    while writer.poll() is None:
+        r = store.read(p, "landscape/x")  # must never fail mid-write
+        assert r["done"].shape == (20, 20)
+        reads += 1
+    out, err = writer.communicate()
+    assert writer.returncode == 0 and "written" in out, err
+    assert reads > 0
+    held = h5py.File(p, "r")  # a notebook keeps the file open
+    try:
+        blocked = subprocess.run([sys.executable, "-c", GRID_WRITER, str(p), "1", "1"], env=env, capture_output=True,
+                                 text=True, timeout=120)
+    finally:
+        held.close()
+    assert blocked.returncode != 0
+    assert "is held open by another program (HDF5 file lock), e.g. a notebook's h5py.File(...); close it, then " \
+           "rerun (the run resumes)" in blocked.stderr
+    again = subprocess.run([sys.executable, "-c", GRID_WRITER, str(p), "1", "1"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr

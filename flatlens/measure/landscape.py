@@ -524,13 +524,11 @@ def _open_group(obj, out, group: str, shape: tuple[int, ...], settings: dict[str
                 dir_sha: str, names: Sequence[str], xs: np.ndarray, ys: np.ndarray, dims: int,
                 sched: Schedule, attrs: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     """Create ``group`` (NaN + done mask) or check it against ``settings`` for a resume (rank 0)."""
-    import h5py
-
     from flatlens import store
 
     path = store.ensure_file(out, store.checkpoint_provenance(obj.run))
     g = store.GridDatasets(path, group)
-    with h5py.File(path, "r") as f:
+    with store.open_h5(path, "r") as f:
         present = group in f
         is_grid = present and "done" in f[group] and "settings" in f[group].attrs
     if present and not overwrite:
@@ -547,7 +545,7 @@ def _open_group(obj, out, group: str, shape: tuple[int, ...], settings: dict[str
         if stored_attrs.get("directions_sha256") != dir_sha:
             raise StoreError(f"{path}:/{group}: the regenerated directions differ from the stored ones (another torch "
                              "version?); write it elsewhere (--out or --name) or recompute it with --overwrite")
-        with h5py.File(path, "r") as f:
+        with store.open_h5(path, "r") as f:
             gg = f[group]
             done = gg["done"][()]
             values = [gg[k][()] for k in VALUE_NAMES]
