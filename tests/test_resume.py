@@ -95,3 +95,33 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path):
 
     again = flatlens_cmd("train", *ARGS, "--out", str(out), "--resume")
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_resume_after_the_data_moved(tmp_path):
+    """--resume rebuilt its config from the defaults when any --set was given, so no key could be changed
+    on a resume (RESUME_SAFE_KEYS was unreachable from the CLI), and a folder dataset moved since the
+    start made the run unresumable. --set now applies on top of the stored config; data.root is
+    resume-safe, checked against the data fingerprints in last.pt, and kept in config.toml."""
+    import shutil
+
+    from test_data import _make_tree
+
+    domains, classes = ["sketch", "photo", "cartoon", "art_painting"], ["dog", "horse"]
+    _make_tree(tmp_path / "old", "PACS", domains, classes, n=4)
+    _make_tree(tmp_path / "other", "PACS", domains, classes, n=5)  # same names, other images
+    run = tmp_path / "run"
+    start = flatlens_cmd("train", "--set", "data.dataset=PACS", f"data.root={tmp_path / 'old'}", "data.image_size=16",
+                         "model.width=8", "train.steps=4", "train.eval_every=2", "train.batch_size=4", "--out", str(run),
+                         "--quiet")
+    assert start.returncode == 0, start.stderr
+    (run / "done").unlink()  # as if killed after its last checkpoint
+    shutil.move(str(tmp_path / "old"), str(tmp_path / "new"))
+    lost = flatlens_cmd("train", "--out", str(run), "--resume", "--quiet")
+    assert lost.returncode == 2 and "PACS not found at" in lost.stderr
+    wrong = flatlens_cmd("train", "--out", str(run), "--resume", "--set", f"data.root={tmp_path / 'other'}", "--quiet")
+    assert wrong.returncode == 2 and "differ from the ones this run trained on" in wrong.stderr
+    moved = flatlens_cmd("train", "--out", str(run), "--resume", "--set", f"data.root={tmp_path / 'new'}", "--quiet")
+    assert moved.returncode == 0, moved.stderr
+    assert (run / "done").exists() and f'root = "{tmp_path / "new"}"' in (run / "config.toml").read_text()
+    other = flatlens_cmd("train", "--out", str(run), "--resume", "--set", "train.steps=8", "--quiet")
+    assert other.returncode == 2 and "train.steps (4 -> 8)" in other.stderr and "--set may change only" in other.stderr

@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     overrides = [item for group in args.overrides for item in group]
     config_path = args.config
-    if args.resume and args.out and not config_path and not overrides:
+    if args.resume and args.out and not config_path:
         stored = Path(args.out) / "config.toml"
-        if stored.exists():
+        if stored.exists():  # --set on --resume changes the stored config (where/how fast keys only)
             config_path = stored
     cfg = load_config(config_path, overrides)
     if args.show:

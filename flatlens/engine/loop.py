@@ -37,7 +37,7 @@ from flatlens.engine.evaluate import evaluate
 from flatlens.engine.hooks import TrainHook, build_hooks
 from flatlens.engine.rundir import RunDir, environment, resume_differences
 from flatlens.engine.selection import is_candidate, score, test_accuracy
-from flatlens.errors import FlatlensError
+from flatlens.errors import DataError, FlatlensError
 from flatlens.network import build_network
 from flatlens.progress import Progress
 from flatlens.seeding import seed_hash
@@ -171,6 +171,12 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = self.rundir.resume_state(self.ctx.device)
+        stored = ckpt.get("data", {})
+        now = {"dataset": self.dataset.fingerprint(), "splits": self.splits.fingerprint()}
+        for key in ("dataset", "splits"):
+            if stored.get(key) and stored[key] != now[key]:
+                raise DataError(f"the {key} rebuilt for {self.rundir.root} differ from the ones this run trained on "
+                                f"(fingerprint {now[key]} != {stored[key]}); point data.root at the same files")
         ts = ckpt["train_state"]
         self.model.load_state_dict(ckpt["model"])
         self.algorithm.load_state_dict(ts["algorithm"])
@@ -201,6 +207,8 @@ class Trainer:
         self._build()
         if self.decision == "resume":
             self._resume()
+            if ctx.is_main:  # a --set of a resume-safe key (e.g. a moved data.root) holds for later resumes too
+                self.rundir.update_config(cfg)
             self._say(f"resuming {self.rundir.root} at step {self.step}/{cfg.train.steps}")
         elif ctx.is_main:
             self.rundir.start(cfg, environment(ctx.device, ctx.world_size))

@@ -35,8 +35,9 @@ from flatlens.checkpoint import config_of, read_checkpoint
 from flatlens.config import Config, config_to_toml, diff_configs, load_config
 from flatlens.errors import ResumeError, RunDirError
 
-RESUME_SAFE_KEYS = {"data.num_workers", "train.device", "data.eval_batch_size"}
-"""Keys that may differ on --resume: they change where and how fast, not what is computed."""
+RESUME_SAFE_KEYS = {"data.num_workers", "train.device", "data.eval_batch_size", "data.root"}
+"""Keys that may differ on --resume: they change where and how fast, not what is computed (a moved
+``data.root`` is checked against the data fingerprints stored in ``last.pt``)."""
 
 OWNED = ("config.toml", "env.json", "results.jsonl", "train.log", "init.pt", "last.pt", "model.pt", "done",
          "checkpoints")
@@ -90,7 +91,8 @@ class RunDir:
         if differ:
             shown = ", ".join(f"{k} ({stored.get(k)!r} -> {cfg.get(k)!r})" for k in differ[:4])
             raise ResumeError(f"--resume with a different config than the run in {self.root}: {shown}; "
-                              "resume with the stored config (omit --config/--set) or start a new --out")
+                              "resume with the stored config (--set may change only "
+                              f"{', '.join(sorted(RESUME_SAFE_KEYS))}) or start a new --out")
         if self.finished():
             return "done"
         return "resume" if self.last.exists() else "fresh"
@@ -99,6 +101,11 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.root / "env.json", json.dumps(env, indent=2, sort_keys=True) + "\n")
         atomic_write_text(self.root / "config.toml", config_to_toml(cfg))
+
+    def update_config(self, cfg: Config) -> None:
+        """Rewrite ``config.toml`` on a resume that changed a resume-safe key (nothing else may differ)."""
+        if config_to_toml(cfg) != (self.root / "config.toml").read_text():
+            atomic_write_text(self.root / "config.toml", config_to_toml(cfg))
 
     def write_records(self, records: list[dict[str, Any]]) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
