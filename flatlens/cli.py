@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"flatlens {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `flatlens info ... | head`: the reader left; stop quietly, as a shell tool does
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
     return int(result or 0)
 
 

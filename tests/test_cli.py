@@ -116,3 +116,25 @@ def test_help_names_each_default_once_and_never_none(command):
             assert text == action.help % {**vars(action), "prog": sub.prog}, (action.dest, text)
         else:
             assert text.count("(default:") <= 1, (action.dest, text)
+
+
+def test_a_closed_output_pipe_ends_quietly(tmp_path):
+    """`flatlens info ... | head` printed a BrokenPipeError traceback when head left early."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from flatlens import store
+
+    f = tmp_path / "a.h5"
+    store.ensure_file(f, {"checkpoint_sha256": "a" * 64, "config": {}})
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "flatlens", "info", str(f), "--json"], stdout=w, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
