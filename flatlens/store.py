@@ -88,7 +88,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 _HELD: dict[str, list[Any]] = {}
-"""Locks this process holds: lock file -> [descriptor, depth, exclusive] (reentrant within a process)."""
+"""Locks this process holds: lock file -> [descriptor, exclusive]. A nested request is served by the
+outer holder (which releases it), upgrading a shared lock to exclusive for its duration."""
 
 HDF5_LOCK_WAIT = 60.0
 """Seconds :func:`open_h5` waits for a file that HDF5 reports locked by another process."""
@@ -108,18 +109,16 @@ def _file_lock(path: str | Path, exclusive: bool) -> Iterator[None]:
     key = str(p.parent.resolve() / f".{p.name}.lock")
     held = _HELD.get(key)
     if held is not None:
-        upgrade = exclusive and not held[2]
+        upgrade = exclusive and not held[1]
         if upgrade:
             fcntl.flock(held[0], fcntl.LOCK_EX)
-            held[2] = True
-        held[1] += 1
+            held[1] = True
         try:
             yield
         finally:
-            held[1] -= 1
             if upgrade:
                 fcntl.flock(held[0], fcntl.LOCK_SH)
-                held[2] = False
+                held[1] = False
         return
     if not exclusive and not p.is_file():  # nothing to read (an error follows): no lock file for it
         yield
@@ -141,7 +140,7 @@ def _file_lock(path: str | Path, exclusive: bool) -> Iterator[None]:
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        _HELD[key] = [fd, 1, exclusive]
+        _HELD[key] = [fd, exclusive]
         try:
             yield
         finally:

@@ -340,17 +340,22 @@ def _bytes(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _values(shape: tuple[int, ...], dtype: torch.dtype, copies: float = 1.0) -> tuple[float, str]:
+    """Bytes of ``copies`` tensors of ``shape`` and ``dtype``, and how a message names them."""
+    need = copies * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    size = " x ".join(f"{s:,}" for s in shape)
+    return need, (f"{_bytes(need)} ({size} {str(dtype).replace('torch.', '')} values"
+                  + (f", {copies:g} copies" if copies != 1 else "") + ")")
+
+
 def require_memory(shape: tuple[int, ...], dtype: torch.dtype, device: Any, what: str, fix: str,
                    copies: float = 1.0) -> None:
     """A one-line ValueError unless ``copies`` tensors of ``shape`` fit in the memory ``device`` has
     available now (see :func:`alloc_basis`; nothing is checked when that is unknown)."""
-    need = copies * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    need, text = _values(shape, dtype, copies)
     avail = available_bytes(device)
     if avail is not None and need > avail:
-        size = " x ".join(f"{s:,}" for s in shape)
-        raise ValueError(f"{what} needs {_bytes(need)} ({size} {str(dtype).replace('torch.', '')} values"
-                         + (f", {copies:g} copies" if copies != 1 else "") + f") and {torch.device(device).type} has "
-                         f"{_bytes(avail)} available; {fix}.")
+        raise ValueError(f"{what} needs {text} and {torch.device(device).type} has {_bytes(avail)} available; {fix}.")
 
 
 def alloc_basis(shape: tuple[int, ...], dtype: torch.dtype, device: Any, what: str, fix: str) -> Tensor:
@@ -363,15 +368,13 @@ def alloc_basis(shape: tuple[int, ...], dtype: torch.dtype, device: Any, what: s
     now (:func:`available_bytes`), then the allocation itself.
     """
     require_memory(shape, dtype, device, what, fix)
-    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    size = " x ".join(f"{s:,}" for s in shape)
     try:
         return torch.empty(shape, dtype=dtype, device=device)
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "out of memory" not in str(exc):
             raise
-        raise ValueError(f"{what} needs {_bytes(need)} ({size} {str(dtype).replace('torch.', '')} values), "
-                         f"more than {torch.device(device).type} can allocate; {fix}.") from None
+        raise ValueError(f"{what} needs {_values(shape, dtype)[1]}, more than {torch.device(device).type} can "
+                         f"allocate; {fix}.") from None
 
 
 def _check_int(name: str, value: Any, lo: int, fix: str) -> int:
