@@ -63,16 +63,18 @@ def _checkpoint(args: argparse.Namespace) -> int:
 
 
 def _analysis(path: Path, as_json: bool) -> int:
-    """The root provenance and one line (or a few) per measured group; no dataset larger than a few
-    numbers is printed (``flatlens.store.read`` gives everything)."""
+    """The root provenance and one line (or a few) per measured group, reading attributes and only the
+    small datasets a summary shows (a landscape's directions, as large as the model, stay on disk;
+    ``flatlens.store.read`` gives everything)."""
     import numpy as np
 
     from flatlens import store
 
     store.check_file(path)
-    data = store.read(path)
-    root = {k: v for k, v in data["attrs"].items() if k != "config"}
-    groups = {name: _group_summary(store.read(path, name)) for name in store.groups(path)}
+    measured = store.groups(path)
+    with store.open_h5(path, "r") as f:
+        root = {k: store._decode(v) for k, v in f.attrs.items() if k != "config"}
+        groups = {name: _group_summary(f[name]) for name in measured}
     if as_json:
         print(json.dumps({"path": str(path), "attrs": root, "groups": groups}, indent=2, sort_keys=True,
                          default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v)))
@@ -99,11 +101,14 @@ def _fmt(values: Any, n: int = 6) -> str:
     return f"[{text}{', ...' if a.size > n else ''}]" if a.size > 1 else text
 
 
-def _group_summary(g: dict[str, Any]) -> dict[str, str]:
-    """What a reader wants first from a measured group: what, on which data, the headline numbers, cost."""
+def _group_summary(g: Any) -> dict[str, str]:
+    """What a reader wants first from a measured group (an open h5py group): what, on which data, the
+    headline numbers, cost."""
     import numpy as np
 
-    a = g["attrs"]
+    from flatlens import store
+
+    a = {k: store._decode(v) for k, v in g.attrs.items()}
     measures = a.get("measures", a.get("measure", "?"))
     out = {"measure": ", ".join(measures) if isinstance(measures, list) else str(measures)}
     if "split" in a:
@@ -112,23 +117,24 @@ def _group_summary(g: dict[str, Any]) -> dict[str, str]:
     if "differentiated" in a:
         out["differentiated"] = str(a["differentiated"])
     if "eigenvalues" in g:
-        out["eigenvalues"] = _fmt(g["eigenvalues"])
+        out["eigenvalues"] = _fmt(g["eigenvalues"][()])
     if "bottom_eigenvalues" in g:
-        out["bottom"] = _fmt(g["bottom_eigenvalues"])
+        out["bottom"] = _fmt(g["bottom_eigenvalues"][()])
     if "trace" in g:
-        ci = g.get("trace_ci")
-        out["trace"] = _fmt(g["trace"]) + (f" (95% CI {_fmt(ci[0])} .. {_fmt(ci[1])})" if ci is not None else "")
+        ci = g["trace_ci"][()] if "trace_ci" in g else None
+        out["trace"] = _fmt(g["trace"][()]) + (f" (95% CI {_fmt(ci[0])} .. {_fmt(ci[1])})" if ci is not None else "")
     if "density" in g and "density_spectrum_min" in a:
         out["density"] = f"spectrum [{_fmt(a['density_spectrum_min'])}, {_fmt(a['density_spectrum_max'])}]"
     if "done" in g:
-        done = np.asarray(g["done"])
+        done = np.asarray(g["done"][()])
         shape = "x".join(str(s) for s in done.shape[::-1])
         out["grid"] = (f"{a.get('kind', '?')} {a.get('dims', done.ndim)}-D, {shape} points, {int(done.sum())}/"
                        f"{done.size} done")
         if "origin_loss" in a:
             out["origin loss"] = _fmt(a["origin_loss"])
         if done.any() and "loss" in g:
-            out["loss range"] = f"{_fmt(np.nanmin(g['loss']))} .. {_fmt(np.nanmax(g['loss']))}"
+            loss = g["loss"][()]
+            out["loss range"] = f"{_fmt(np.nanmin(loss))} .. {_fmt(np.nanmax(loss))}"
     if "n_hvp" in a or "seconds" in a or "cost_seconds" in a:
         hvps = f"{a['n_hvp']} HVPs, " if "n_hvp" in a else ""
         out["cost"] = f"{hvps}{float(a.get('seconds', a.get('cost_seconds', 0.0))):.1f} s"
