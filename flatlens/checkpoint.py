@@ -165,6 +165,15 @@ class Run:
                             f"{', '.join(s.names())}") from None
 
 
+def data_mismatch(stored: dict[str, Any], dataset: MultiDomainDataset, splits: Splits) -> tuple[str, str, str] | None:
+    """``(key, rebuilt, stored)`` of the first of ``dataset``/``splits`` whose fingerprint differs from
+    the one a checkpoint stored (``ckpt["data"]``), or None; a missing stored fingerprint is not checked."""
+    for key, now in (("dataset", dataset.fingerprint()), ("splits", splits.fingerprint())):
+        if stored.get(key) and stored[key] != now:
+            return key, now, stored[key]
+    return None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: bool = True,
                     data_root: str | Path | None = None) -> Run:
     """Rebuild model (quantizers included), config, dataset and the same splits from one checkpoint.
@@ -198,12 +207,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: 
             raise DataError(f"{exc} (the root stored in {p.name}; if the data moved since training, pass "
                             "--data-root DIR, or data_root= in Python)") from None
         splits = make_splits(dataset, cfg.data.test_envs, cfg.data.holdout_fraction, cfg.train.trial_seed)
-        stored = ckpt.get("data", {})
-        if stored.get("dataset") and stored["dataset"] != dataset.fingerprint():
+        mismatch = data_mismatch(ckpt.get("data", {}), dataset, splits)
+        if mismatch and mismatch[0] == "dataset":
             raise DataError(f"the data rebuilt for {p} differ from the data it was trained on "
-                            f"(dataset fingerprint {dataset.fingerprint()} != {stored['dataset']}); "
+                            f"(dataset fingerprint {mismatch[1]} != {mismatch[2]}); "
                             "point data.root (--data-root) at the same files")
-        if stored.get("splits") and stored["splits"] != splits.fingerprint():
+        if mismatch:
             raise DataError(f"the splits rebuilt for {p} differ from the stored ones; was it written by another flatlens version?")
         shape, n_classes = dataset.input_shape, dataset.num_classes
     else:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from flatlens import __version__
-from flatlens.checkpoint import save_checkpoint
+from flatlens.checkpoint import data_mismatch, save_checkpoint
 from flatlens.config import Config
 from flatlens.data import build_dataset, make_splits
 from flatlens.data.stream import TrainBatches
@@ -171,12 +171,11 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = self.rundir.resume_state(self.ctx.device)
-        stored = ckpt.get("data", {})
-        now = {"dataset": self.dataset.fingerprint(), "splits": self.splits.fingerprint()}
-        for key in ("dataset", "splits"):
-            if stored.get(key) and stored[key] != now[key]:
-                raise DataError(f"the {key} rebuilt for {self.rundir.root} differ from the ones this run trained on "
-                                f"(fingerprint {now[key]} != {stored[key]}); point data.root at the same files")
+        mismatch = data_mismatch(ckpt.get("data", {}), self.dataset, self.splits)
+        if mismatch:
+            key, now, stored = mismatch
+            raise DataError(f"the {key} rebuilt for {self.rundir.root} differ from the ones this run trained on "
+                            f"(fingerprint {now} != {stored}); point data.root at the same files")
         ts = ckpt["train_state"]
         self.model.load_state_dict(ckpt["model"])
         self.algorithm.load_state_dict(ts["algorithm"])
