@@ -420,6 +420,57 @@ def test_slq_moments_match_known_spectrum():
         assert abs(r.moment(p) - true) <= 0.05 * float(np.mean(np.abs(ev) ** p)), p
 
 
+def test_a_start_blind_to_the_top_eigenvector_never_certifies_a_wrong_lambda_max():
+    """The all-ones matrix (lambda = n, 0, ..., 0): a Rademacher start with 1^T z = 0 (40 % of seeds at
+    n = 4, 11 % at n = 64) spans an invariant subspace at once. Its Ritz value 0 is exact, but it is not
+    lambda_max, and the old run stopped there with "rel. error <= 0 certified". The run now restarts from a
+    Gaussian vector orthogonal to the basis before it may stop at an invariant subspace."""
+    for n in (4, 64):
+        A = torch.ones(n, n, dtype=F64)
+        for s in range(60):
+            r = lanczos_eigenvalues(A, 1, generator=s)
+            assert r.all_converged and float(r.values[0]) == pytest.approx(n, rel=1e-12), (n, s)
+    A = torch.ones(4, 4, dtype=F64)
+    blind = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=F64)  # an explicit start in the null space
+    r = lanczos_eigenvalues(A, 1, v0=blind)
+    assert float(r.values[0]) == pytest.approx(4.0) and r.restarts >= 1
+    # a cap that stops the run at the blind invariant subspace leaves the value uncertified
+    r = lanczos_eigenvalues(A, 1, v0=blind, max_iter=1)
+    assert float(r.values[0]) == 0.0 and not r.all_converged
+    # continued from an SLQ probe that broke down (the shared spectrum() run), and from the hessian API
+    for s in range(20):
+        st = L.krylov_basis(A, 1, generator=s)
+        r = lanczos_eigenvalues(A, 1, generator=s, init=st)
+        assert float(r.values[0]) == pytest.approx(4.0), s
+    import flatlens as fl
+
+    for s in range(20):
+        assert float(fl.hessian.eigenvalues(A, k=1, seed=s).values[0]) == pytest.approx(4.0), s
+        assert float(fl.hessian.spectrum(A, k=1, seed=s).eigen.values[0]) == pytest.approx(4.0), s
+
+
+def test_krylov_basis_goes_on_past_an_invariant_subspace():
+    """A trace basis of a space no larger than the budget must span it (exact trace); it used to stop at
+    the first invariant subspace: the 5 x 5 identity got 1 vector and 99 probes, 4.78 +- 5.7 %."""
+    I = torch.eye(5, dtype=F64)
+    st = L.krylov_basis(I, 5, generator=0)
+    assert st.m == 5 and len(st.dropped) == 4
+    assert torch.allclose(st.basis @ st.basis.T, torch.eye(5, dtype=F64), atol=1e-12)
+    assert torch.allclose(st.image(0, 5), I @ st.basis.T, atol=1e-12)  # the Lanczos relation still holds
+    A = sym_with_spectrum([3.0, 3.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0], seed=2)
+    st = L.krylov_basis(A, 6, generator=1)  # distinct eigenvalues: 3; the first block closes after 3 steps
+    assert st.m == 6 and st.dropped and st.dropped[0][0] == 2
+    assert torch.allclose(st.image(0, 6), A @ st.basis.T, atol=1e-12)
+    import flatlens as fl
+
+    for M in (I, torch.ones(4, 4, dtype=F64), A, torch.zeros(3, 3, dtype=F64)):
+        tr = fl.hessian.trace(M)
+        assert tr.stderr == 0 and tr.converged and tr.n_hvp <= M.shape[0]
+        assert tr.estimate == pytest.approx(float(torch.trace(M)), abs=1e-12) and tr.rel_half_width == 0.0
+    with pytest.raises(ValueError, match="at least 2 dimensions"):  # was "pass max_matvec >= 4" at max_matvec=100
+        xtrace(torch.ones(1, 1, dtype=F64), max_matvec=100)
+
+
 def test_slq_breakdown_grid_and_sigma():
     U = torch.randn(60, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     L = U @ U.T  # rank 2: Krylov space closes after 3 steps

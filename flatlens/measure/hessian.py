@@ -449,6 +449,8 @@ class TraceEstimate(_Stored):
 
     @property
     def rel_half_width(self) -> float:
+        if self.half_width == 0:  # an exact trace, 0 included (0/0 would read as an infinite error)
+            return 0.0
         return self.half_width / abs(self.estimate) if self.estimate else math.inf
 
     def to_store(self) -> tuple[dict[str, Any], dict[str, Any]]:
