@@ -118,6 +118,24 @@ def test_help_names_each_default_once_and_never_none(command):
             assert text.count("(default:") <= 1, (action.dest, text)
 
 
+def test_ranges_starting_below_zero_parse_without_an_equals_sign():
+    """`flatlens landscape --range -1:1:5` parsed, but `flatlens sharpness --landscape-range -1:1:5` was
+    "argument --landscape-range: expected one argument" (argparse took the value for an option)."""
+    from flatlens.cli import build_parser
+
+    def sub(command):
+        parser = build_parser(command)
+        return next(a for a in parser._actions if a.dest == "command").choices[command]
+
+    a = sub("sharpness").parse_args(["c.pt", "--measures", "landscape", "--landscape-range", "-1:1:5",
+                                     "--landscape-y-range", "-.5:.5:3", "--seed", "-2"])
+    assert (a.landscape_range, a.landscape_y_range, a.seed) == ("-1:1:5", "-.5:.5:3", -2)
+    a = sub("landscape").parse_args(["c.pt", "--range", "-1e-1:1:5", "--y-range", "-2:2:3"])
+    assert (a.range, a.y_range) == ("-1e-1:1:5", "-2:2:3")
+    with pytest.raises(SystemExit):  # an unknown option is still one
+        sub("sharpness").parse_args(["c.pt", "--landscape-rnge", "-1:1:5"])
+
+
 def test_a_closed_output_pipe_ends_quietly(tmp_path):
     """`flatlens info ... | head` printed a BrokenPipeError traceback when head left early."""
     import os

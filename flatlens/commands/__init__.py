@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,3 +48,16 @@ def path_arg(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("empty path; give a file or directory name")
     return text
+
+
+_NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.eE+-]*:")
+
+
+def accept_negative_ranges(parser: argparse.ArgumentParser) -> None:
+    """Let ``--range -1:1:51`` (and ``--landscape-range -1:1:51``) through as a value.
+
+    argparse takes any word that starts with ``-`` and is not a plain negative number for an option, so
+    a range starting at a negative coordinate needed ``--range=-1:1:51``. The parser's negative-number
+    matcher is widened to ``MIN:...`` words (none of our options looks like one).
+    """
+    parser._negative_number_matcher = _NEGATIVE_VALUE

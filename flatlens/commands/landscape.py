@@ -12,12 +12,9 @@ grid points are shared out over the ranks (each rank holds all evaluation sample
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-from flatlens.commands import HelpFormatter, path_arg, seed_arg
-
-_NEGATIVE_RANGE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.eE+-]*:")
+from flatlens.commands import HelpFormatter, accept_negative_ranges, path_arg, seed_arg
 
 
 HELP = "1D/2D loss surfaces (random, interpolation, plane, PCA) -> HDF5"
@@ -27,8 +24,7 @@ HELP = "1D/2D loss surfaces (random, interpolation, plane, PCA) -> HDF5"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("landscape", help=HELP,
                        description=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
-    # let "--range -1:1:51" through as a value (argparse would take it for an option)
-    p._negative_number_matcher = _NEGATIVE_RANGE
+    accept_negative_ranges(p)
     p.add_argument("checkpoint", help="a checkpoint written by flatlens train (e.g. runs/erm/model.pt): the origin")
     g = p.add_argument_group("directions")
     g.add_argument("--dim", type=int, choices=(1, 2), default=None,

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from flatlens.commands import HelpFormatter, path_arg, seed_arg
+from flatlens.commands import HelpFormatter, accept_negative_ranges, path_arg, seed_arg
 
 
 DEFAULT_MEASURES = ("hessian", "trace", "density")
@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sharpness", help=HELP,
                        description="Measure the loss surface around a checkpoint. Measures: " + ", ".join(measures),
                        formatter_class=HelpFormatter)
+    accept_negative_ranges(p)  # --landscape-range -1:1:51, as landscape's --range
     p.add_argument("checkpoint", help="a checkpoint written by flatlens train (e.g. runs/erm/model.pt)")
     p.add_argument("--measures", default=",".join(DEFAULT_MEASURES),
                    help="comma-separated measures to run: " + ", ".join(measures))

@@ -623,7 +623,7 @@ def add_measure_arguments(g) -> None:
     """``--landscape-*`` options of ``flatlens sharpness --measures landscape``."""
     g.add_argument("--landscape-dim", type=int, choices=(1, 2), default=None,
                    help="1 (line) or 2 (plane); default 1 for random/--landscape-to, 2 for plane/PCA")
-    g.add_argument("--landscape-range", default=None, help="MIN:MAX:NUM of x (write --landscape-range=-1:1:51)")
+    g.add_argument("--landscape-range", default=None, help="MIN:MAX:NUM of x, e.g. -1:1:51")
     g.add_argument("--landscape-y-range", default=None, help="MIN:MAX:NUM of y (default: as x)")
     g.add_argument("--landscape-norm", default=None, choices=("filter", "layer", "none"),
                    help="direction normalization (default filter for random directions)")
