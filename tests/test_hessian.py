@@ -207,6 +207,11 @@ def test_density_against_dense_spectrum():
     assert lo >= float(ev[0]) - 0.05 * float(ev.abs().max()) and hi <= float(ev[-1]) * 1.05
     # first moment = trace / n, unbiased over probes; the quadrature is exact for it
     assert dens_moment(d, 1) == pytest.approx(float(ev.mean()), abs=3 * float(ev.std()) / math.sqrt(4))
+    assert d.grid_mass == pytest.approx(1.0, abs=1e-3) and "density curve" not in dict(d.summary())
+    # a grid coarser than the kernel: the curve is not a density, and the summary says so (it said nothing)
+    coarse = fl.hessian.density(obj, n_probes=4, n_steps=40, seed=2, grid=11)
+    assert torch.equal(coarse.nodes, d.nodes) and abs(coarse.grid_mass - 1.0) > 0.01
+    assert "refine --density-grid" in dict(coarse.summary())["density curve"]
 
 
 def test_quantized_dequant_space_and_qgen_noise_terms():
