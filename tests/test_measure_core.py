@@ -101,6 +101,18 @@ def test_bad_explicit_batches_are_one_line_errors():
         Objective(net, batches=[(x[:0], y[:0])])
 
 
+def test_a_batch_norm_without_running_statistics_is_refused():
+    """A BatchNorm with track_running_stats=False uses batch statistics in eval mode: the label check's
+    one-sample forward died inside torch ("Expected more than 1 value per channel"), and with it out of
+    the way the loss and Hessian would depend on the batch size. One line naming the module and the fix."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(FlatlensError, match=r"module '1' \(BatchNorm1d\) normalises with each batch's statistics"):
+        Objective(net, batches=[(x, y)])
+    ok = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
+    assert Objective(ok, batches=[(x, y)]).n_samples == 8  # running statistics, and per-sample norms, are fine
+
+
 def test_param_space_moves_in_place_and_restores_bitwise():
     net = _bn_net()
     space = ParamSpace(net, select_parameters(net))

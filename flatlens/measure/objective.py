@@ -89,6 +89,23 @@ def _live_parameters(model: nn.Module, names: list[str], space: str) -> list[str
     return live
 
 
+def _check_per_sample(model: nn.Module) -> None:
+    """Refuse a model whose eval-mode output for a sample depends on the rest of its batch.
+
+    A batch norm without running statistics (``track_running_stats=False``) normalises with each batch's
+    own statistics even in eval mode. The loss is then no sum over samples: its value, gradient and
+    Hessian change with ``--batch-size``, the ragged last batch and the number of processes (and a batch
+    of one sample fails inside torch), so none of the measures has the meaning they claim.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (not m.track_running_stats or m.running_mean is None):
+            raise FlatlensError(
+                f"module {name or '<model>'!r} ({type(m).__name__}) normalises with each batch's statistics even in "
+                "eval mode (track_running_stats=False), so the loss is no sum over samples and its Hessian would "
+                "change with the batch size; give it running statistics (track_running_stats=True, then a "
+                "train-mode pass over training data) or use GroupNorm/LayerNorm")
+
+
 def _has_quantizers(model: nn.Module) -> bool:
     from flatlens.quant import iter_quantizers
 
@@ -157,6 +174,7 @@ class Objective:
             weights_rounded = any(q.is_enabled() for _, q in iter_quantizers(model, "weight"))
             model = dequantized_copy(model)
             acts_on = any(q.is_enabled() for _, q in iter_quantizers(model, "activation"))
+        _check_per_sample(model)
         self.model = model.to(device)
         include = include_groups(include)
         if space == "scales" and include == ("weights",) and select is None:
