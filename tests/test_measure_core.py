@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +114,42 @@ def test_a_batch_norm_without_running_statistics_is_refused():
         Objective(net, batches=[(x, y)])
     ok = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
     assert Objective(ok, batches=[(x, y)]).n_samples == 8  # running statistics, and per-sample norms, are fine
+
+
+def test_models_the_measures_cannot_read_are_one_line_errors_and_bfloat16_works():
+    """A model returning a tuple or dict was "AttributeError: 'tuple' object has no attribute 'shape'", one
+    without parameters a bare StopIteration, and a bfloat16 model died hashing its batches ("Got unsupported
+    ScalarType BFloat16": numpy has no bfloat16)."""
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(FlatlensError, match=r"the model returns a tuple; the measures need logits of shape"):
+        Objective(Pair(), batches=[(x, y)])
+    with pytest.raises(FlatlensError, match=r"returns a tensor of shape \(1, 3, 1\)"):
+        Objective(nn.Sequential(nn.Linear(4, 3), nn.Unflatten(1, (3, 1))), batches=[(x, y)])
+    with pytest.raises(FlatlensError, match="matches no trainable parameter"):
+        Objective(nn.Softmax(-1), batches=[(x, y)])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    a = Objective(net, batches=[(x, y)])
+    b = Objective(copy.deepcopy(net).to(torch.bfloat16), batches=[(x.to(torch.bfloat16), y)])
+    assert len(b.subset_sha256()) == 64 and a.subset_sha256() != b.subset_sha256()
+    assert b.describe()["subset_sha256"] == b.subset_sha256()
+    import hashlib
+
+    h = hashlib.sha256()  # float data hash as before (the bytes numpy() gives)
+    h.update(x.numpy().tobytes())
+    h.update(y.numpy().tobytes())
+    assert a.subset_sha256() == h.hexdigest()
+    e = fl.hessian.eigenvalues(b, k=1)
+    assert math.isfinite(float(e.values[0]))
 
 
 def test_param_space_moves_in_place_and_restores_bitwise():

@@ -163,7 +163,8 @@ class Objective:
             raise FlatlensError("Objective needs a flatlens Run (fl.load_checkpoint) or an nn.Module with batches=")
         if isinstance(device, str):  # the names --device takes ("auto", "cuda" = this rank's GPU), checked
             device = D.resolve_device(device, self.ctx.local_rank)
-        device = torch.device(device) if device is not None else next(model.parameters()).device
+        first = next(model.parameters(), None)  # a model without parameters fails at the selection, in one line
+        device = torch.device(device) if device is not None else first.device if first is not None else torch.device("cpu")
         self.device = device
         quantized_model = _has_quantizers(model)
         if space in ("dequant", "scales") and not quantized_model:
@@ -253,8 +254,8 @@ class Objective:
         if self.sample_ids is None:
             h = hashlib.sha256()
             for x, y in self.batches:
-                h.update(x.detach().cpu().numpy().tobytes())
-                h.update(y.detach().cpu().numpy().tobytes())
+                for t in (x, y):  # the raw bytes (numpy has no bfloat16); the same bytes numpy() gives
+                    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             return h.hexdigest()
         return hashlib.sha256(self.sample_ids.numpy().astype("int64").tobytes()).hexdigest()
 
@@ -289,7 +290,12 @@ class Objective:
         if x0 is None:  # this rank holds no samples (the others check theirs)
             return
         with self._eval():
-            classes = int(self.model(x0[:1]).shape[-1])
+            out = self.model(x0[:1])
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+            raise FlatlensError(f"the model returns {got}; the measures need logits of shape (batch, classes): wrap "
+                                "it in a module whose forward returns them (e.g. model(x)[0] or model(x)['logits'])")
+        classes = int(out.shape[-1])
         top = max(int(y.max()) for _, y in self.batches if y.numel())
         if top >= classes:
             raise FlatlensError(f"batches hold label {top}, and the model has {classes} outputs; labels must be "
