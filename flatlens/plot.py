@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 import sys
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from flatlens.density_curve import gaussian_mixture
 from flatlens.errors import FlatlensError, StoreError
 from flatlens import store
 from flatlens.store import _decode  # one HDF5 attribute decoder for the whole package
@@ -408,8 +410,17 @@ def load_spectrum(path: str | Path) -> dict[str, Any]:
     r = store.read(path, "hessian")
     if "density" not in r:
         raise FlatlensError(f"{path}: /hessian has no density; add it with: flatlens sharpness CKPT --measures density --out {path}")
-    out: dict[str, Any] = {"grid": np.asarray(r["density"]["grid"], dtype=float),
-                           "values": np.asarray(r["density"]["values"], dtype=float)}
+    d = r["density"]
+    out: dict[str, Any] = {"grid": np.asarray(d["grid"], dtype=float), "values": np.asarray(d["values"], dtype=float)}
+    sigma = float(d.get("attrs", {}).get("sigma", math.nan))
+    g = out["grid"]
+    if g.size > 1 and sigma > 0 and float(np.max(np.diff(g))) > sigma / 2 and "nodes" in d and "weights" in d:
+        # a grid too coarse for its kernel (--density-grid 11): the stored curve is a polyline through a few
+        # samples of it. The nodes and weights are exact, so the curve is drawn from them on a fine grid
+        # over the same range (what the file would hold with a finer --density-grid).
+        n = int(min(20001, math.ceil((g[-1] - g[0]) / (sigma / 4)) + 1))
+        out["grid"] = np.linspace(g[0], g[-1], n)
+        out["values"] = gaussian_mixture(d["nodes"], d["weights"], out["grid"], sigma)
     if "eigenvalues" in r:
         out["eigenvalues"] = np.atleast_1d(np.asarray(r["eigenvalues"], dtype=float))
     if "trace" in r:

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatlens.density_curve import gaussian_mixture
+
 __all__ = [
     "SymmetricOperator",
     "as_operator",
@@ -1905,15 +1907,7 @@ def slq_density(
         g = grid.detach().double().cpu().numpy()
     else:
         g = np.linspace(lo_node - pad, hi_node + pad, grid)
-    dens = np.zeros_like(g)
-    norm = 1.0 / (sigma * math.sqrt(2.0 * math.pi))
-    for i in range(p):
-        ok = np.isfinite(nodes[i])
-        th, w = nodes[i, ok], weights[i, ok]
-        for s in range(0, g.size, 1 << 15):  # in chunks: (grid x nodes) at once was GBs for a fine grid
-            gs = g[s:s + (1 << 15)]
-            dens[s:s + gs.size] += (w[None, :] * np.exp(-0.5 * ((gs[:, None] - th[None, :]) / sigma) ** 2)).sum(axis=1)
-    dens *= norm / p
+    dens = gaussian_mixture(nodes, weights, g, sigma)
     f64 = torch.float64
     return SLQResult(
         nodes=torch.as_tensor(nodes, dtype=f64),
