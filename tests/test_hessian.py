@@ -350,6 +350,7 @@ def test_a_float32_certificate_never_claims_less_than_the_rounding_floor():
         floor = 100 * torch.finfo(torch.float32).eps * float(e.values.abs().max())
         assert e.all_converged and torch.all(e.residuals >= floor * (1 - 1e-12)), seed
         assert torch.all((e.values - truth).abs() <= e.residuals), seed
+        assert torch.all(e.gap_rel_error_estimate >= floor / e.values.abs() * (1 - 1e-9)), seed  # no finer either
     # float64 keeps its own (much lower) floor: the dense truth is met to ~1e-12
     e = fl.hessian.eigenvalues(o64, k=1, tol=1e-8)
     assert float(e.rel_error_bound[0]) < 1e-8 and abs(float(e.values[0]) - float(truth[0])) <= float(e.residuals[0])

@@ -865,14 +865,15 @@ def lanczos_eigenvalues(
     # (a float32 run reported "rel. error <= 3.6e-29 certified"): the Lanczos relation holds only up to
     # the operator's rounding. Reported bounds are therefore raised to the same floor the stopping rule
     # accepts, 100 eps max|theta| of the operator's dtype (the user's atol is a target, not a bound).
-    res_all = np.maximum(res_all, 100.0 * eps * (float(np.max(np.abs(theta))) if theta.size else 0.0))
+    rounding = 100.0 * eps * (float(np.max(np.abs(theta))) if theta.size else 0.0)
+    res_all = np.maximum(res_all, rounding)
     vals = theta[wanted]
     res = res_all[wanted]
     with np.errstate(divide="ignore", invalid="ignore"):
         denom = np.abs(vals) - res
         rel = np.where(denom > 0, res / np.where(denom > 0, denom, 1.0), np.inf)
         rel = np.where(res == 0, 0.0, rel)
-        gap_abs = _gap_bounds(theta, res_all, wanted)
+        gap_abs = np.maximum(_gap_bounds(theta, res_all, wanted), rounding)  # an estimate is no finer either
         gdenom = np.abs(vals) - gap_abs
         grel = np.where(gdenom > 0, gap_abs / np.where(gdenom > 0, gdenom, 1.0), np.inf)
         grel = np.where(gap_abs == 0, 0.0, grel)
