@@ -345,6 +345,15 @@ def test_probes_are_device_independent_draws():
     a = rademacher(10, 4, g1, torch.float32, "cpu")
     b = rademacher(10, 4, g2, torch.float64, "cpu")
     assert torch.equal(a.double(), b) and set(a.unique().tolist()) == {-1.0, 1.0}
+    # drawn in the target dtype, the numbers (and the generator's state after) are those of the int64 draw
+    # every earlier release made: stored results keep reproducing from their seeds
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, F64):
+        for n, k in ((1, 1), (1000, 3), (100_003, 2)):
+            g, ref_g = make_generator(n + k), make_generator(n + k)
+            ref = torch.randint(0, 2, (k, n), generator=ref_g, dtype=torch.int64).to(F64) * 2 - 1
+            got = rademacher(n, k, g, dtype, "cpu")
+            assert got.dtype == dtype and torch.equal(got.T.double(), ref), (dtype, n)
+            assert torch.equal(g.get_state(), ref_g.get_state()), (dtype, n)
 
 
 # ------------------------------------------------------------------------------------------------
