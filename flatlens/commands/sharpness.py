@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 say(_kernel_line(obj))
                 kernel_said = True
             eta = (est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward + (est.seconds or 0.0)
-                   + (est.n_vector + est.n_draw * _DRAW_PASSES) * _vector_pass_seconds(obj))
+                   + est.n_vector * _vector_seconds(obj)[0] + est.n_draw * _vector_seconds(obj)[1])
             say(f"[{name}] predicted cost: {est.n_hvp} HVPs, {est.n_forward} forward passes"
                 + (f", {est.n_grad} gradients" if est.n_grad else "") + f" ≈ {_fmt_seconds(eta)}"
                 + (f" ({est.note})" if est.note else ""))
@@ -183,15 +183,11 @@ def _hvp_seconds(obj, t_forward: float) -> float:
     return 3.0 * 2.5 * t_forward
 
 
-_DRAW_PASSES = 30
-"""A Rademacher draw of n entries costs about 30 passes over a float32 vector of n on CPU (0.074 s against a
-2.5 ms pass, ResNet-18's 11 M parameters)."""
-
-
-def _vector_pass_seconds(obj) -> float:
-    """Seconds of one pass over a parameter-sized vector (a dot or an axpy against a block of the basis), timed
-    once per Objective on 8 vectors of the space's size, dtype and device (kept on the Objective)."""
-    cached = getattr(obj, "_vector_pass_seconds", None)
+def _vector_seconds(obj) -> tuple[float, float]:
+    """Seconds of one pass over a parameter-sized vector (a dot or an axpy against a block of the basis) and of
+    one Rademacher draw of that size (drawn on CPU, then moved), timed once per Objective on the space's size,
+    dtype and device, and kept on the Objective."""
+    cached = getattr(obj, "_vector_seconds", None)
     if cached is not None:
         return cached
     import torch
@@ -204,18 +200,23 @@ def _vector_pass_seconds(obj) -> float:
         Q = torch.randn(8, n, dtype=dtype, device=obj.device)
         w = torch.randn(n, dtype=dtype, device=obj.device)
     except RuntimeError:  # no room for a timing block: leave the vector work out of the estimate
-        obj._vector_pass_seconds = 0.0
-        return 0.0
-    best = float("inf")
-    for _ in range(2):  # the first pays the pages' first touch
-        t0 = time.perf_counter()
-        L._orthogonalize_(w, Q, 1)
-        if obj.device.type == "cuda":
-            torch.cuda.synchronize(obj.device)
-        best = min(best, time.perf_counter() - t0)
-    del Q, w
-    obj._vector_pass_seconds = best / 16  # 8 dots and 8 axpys
-    return obj._vector_pass_seconds
+        obj._vector_seconds = (0.0, 0.0)
+        return obj._vector_seconds
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(2):  # the first pays the pages' first touch
+            t0 = time.perf_counter()
+            fn()
+            if obj.device.type == "cuda":
+                torch.cuda.synchronize(obj.device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    per_pass = timed(lambda: L._orthogonalize_(w, Q, 1)) / 16  # 8 dots and 8 axpys
+    per_draw = timed(lambda: L.rademacher(n, 1, torch.Generator(), dtype, obj.device))
+    obj._vector_seconds = (per_pass, per_draw)
+    return obj._vector_seconds
 
 
 def _fmt_seconds(s: float) -> str:

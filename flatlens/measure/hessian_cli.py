@@ -115,7 +115,7 @@ def _output(*results: _Stored, ctx: Any):
 def lanczos_vector_passes(steps: int) -> int:
     """Vector passes of ``steps`` Lanczos steps with full reorthogonalisation: two Gram-Schmidt passes of a
     dot and an axpy against ``j + 1`` vectors at step ``j``, plus the step's own (~15; calibrated on 11 M
-    parameters: 2,336 passes measured for 30 steps, 2,310 here with the draw)."""
+    parameters: 2,336 passes measured for 30 steps, 2,310 by this count)."""
     return sum(4 * (j + 1) + 15 for j in range(steps))
 
 
@@ -191,7 +191,8 @@ def _register() -> None:
 
     def est_density(obj: Any, args: Any) -> Estimate:
         return Estimate(n_hvp=args.density_probes * args.density_steps,
-                        n_vector=args.density_probes * lanczos_vector_passes(args.density_steps), n_draw=args.density_probes,
+                        n_vector=args.density_probes * lanczos_vector_passes(args.density_steps),
+                        n_draw=args.density_probes,
                         note=f"{args.density_probes} probes x {args.density_steps} Lanczos steps")
 
     def run_density(obj: Any, args: Any, ctx: Any):
@@ -234,8 +235,9 @@ def _register() -> None:
         n_vector = args.density_probes * lanczos_vector_passes(args.density_steps)
         if extra:
             n_vector += _trace_vector_passes(args, obj.space.numel, basis=args.density_steps)
-        return Estimate(n_hvp=dens + extra, n_vector=n_vector, n_draw=args.density_probes + extra, note=f"{dens} SLQ HVPs shared by {', '.join(members)}"
-                        + (f"; at most {extra} trace residual probes, stops at ±{args.trace_rtol:g}" if extra else ""))
+        note = f"{dens} SLQ HVPs shared by {', '.join(members)}" + (
+            f"; at most {extra} trace residual probes, stops at ±{args.trace_rtol:g}" if extra else "")
+        return Estimate(n_hvp=dens + extra, n_vector=n_vector, n_draw=args.density_probes + extra, note=note)
 
     def run_spectrum(obj: Any, args: Any, ctx: Any, members: list[str]):
         bar, prog = _cli_progress(ctx, est_spectrum(obj, args, members).n_hvp, "+".join(members))

@@ -38,7 +38,8 @@ class Estimate:
     orthogonalisations, a probe's draw and projection). On an 11 M-parameter ResNet-18 with 64 samples they
     took as long as the HVPs themselves, and an estimate without them was 2.3x short."""
     n_draw: int = 0
-    """Random parameter-sized vectors drawn (probes, start and restart vectors): ~60 vector passes each on CPU."""
+    """Random parameter-sized vectors drawn (probes, start and restart vectors; timed apart: a draw is made on
+    CPU, ~20 vector passes there, and moved to the device)."""
 
 
 @dataclass
