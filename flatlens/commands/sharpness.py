@@ -133,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
             if est.n_hvp and not kernel_said:
                 say(_kernel_line(obj))
                 kernel_said = True
-            eta = (est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward + (est.seconds or 0.0)
-                   + est.n_vector * _vector_seconds(obj)[0] + est.n_draw * _vector_seconds(obj)[1])
+            eta = est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward + (est.seconds or 0.0)
+            if est.n_vector or est.n_draw:  # timed only for a step with vector work (not a landscape)
+                t_pass, t_draw = _vector_seconds(obj)
+                eta += est.n_vector * t_pass + est.n_draw * t_draw
             say(f"[{name}] predicted cost: {est.n_hvp} HVPs, {est.n_forward} forward passes"
                 + (f", {est.n_grad} gradients" if est.n_grad else "") + f" ≈ {_fmt_seconds(eta)}"
                 + (f" ({est.note})" if est.note else ""))

@@ -34,9 +34,9 @@ class Estimate:
     seconds: float | None = None
     """Set when the cost is not in passes (e.g. per-sample backward passes): the measured prediction."""
     n_vector: int = 0
-    """Passes over one parameter-sized vector besides the HVPs (a dot or an axpy of the Krylov
-    orthogonalisations, a probe's draw and projection). On an 11 M-parameter ResNet-18 with 64 samples they
-    took as long as the HVPs themselves, and an estimate without them was 2.3x short."""
+    """Passes over one parameter-sized vector besides the HVPs and draws (a dot or an axpy of the Krylov
+    orthogonalisations, a probe's projections and products). On an 11 M-parameter ResNet-18 with 64 samples
+    they and the draws took as long as the HVPs themselves, and an estimate without them was 2.3x short."""
     n_draw: int = 0
     """Random parameter-sized vectors drawn (probes, start and restart vectors; timed apart: a draw is made on
     CPU, ~20 vector passes there, and moved to the device)."""
