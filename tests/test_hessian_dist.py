@@ -85,3 +85,12 @@ def test_sharpness_cli_under_torchrun_matches_one_process(tmp_path, tiny_run):
     assert torch.allclose(torch.as_tensor(r2["eigenvalues"]), torch.as_tensor(r1["eigenvalues"]), rtol=1e-5)
     assert r2["trace"] == pytest.approx(r1["trace"], rel=1e-5)
     assert two.stdout.count("summary") == 1  # rank 0 alone prints and writes
+    # a rerun skips what is stored: rank 0 reads the file and every rank follows its decision
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "flatlens", *args, "--out", str(tmp_path / "two.h5")],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped (--recompute") == 2 and "predicted cost" not in again.stdout
+    # the number of processes changes rounding, not what is measured: one process skips it too
+    alone = flatlens_cmd(*args, "--out", str(tmp_path / "two.h5"))
+    assert alone.returncode == 0 and alone.stdout.count("skipped (--recompute") == 2, alone.stderr

@@ -16,12 +16,15 @@ from flatlens.cli import main
 FAST = ["--samples", "64", "--kernel", "graph_reuse", "--batch-size", "32"]
 
 
+ANALYSIS = ["--measures", "hessian,trace,density", *FAST, "--k", "2", "--k-bottom", "1", "--tol", "1e-4",
+            "--max-hvp", "30", "--trace-rtol", "0", "--density-probes", "2", "--density-steps", "5"]
+"""The options of the ``analysis`` fixture's run."""
+
+
 @pytest.fixture(scope="module")
 def analysis(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharp") / "analysis.h5"
-    res = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), "--measures", "hessian,trace,density", *FAST,
-                       "--k", "2", "--k-bottom", "1", "--tol", "1e-4", "--max-hvp", "30", "--trace-rtol", "0",
-                       "--density-probes", "2", "--density-steps", "5", "--progress-every", "0", "--out", str(out))
+    res = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), *ANALYSIS, "--progress-every", "0", "--out", str(out))
     assert res.returncode == 0, res.stderr
     return out, res
 
@@ -211,6 +214,50 @@ def test_header_says_whether_there_is_batchnorm(tiny_run, tmp_path, capsys):
                    "graph_reuse", "--eig-max-iter", "3", "--out", str(tmp_path / f"{run.name}.h5")])
         header = capsys.readouterr().out.splitlines()[2]
         assert rc == 0 and header.startswith("differentiated: float model") and header.endswith(text), header
+
+
+def test_a_rerun_with_the_same_settings_skips_what_the_file_holds(analysis, tiny_run, tmp_path, capsys):
+    """A rerun of the same command (e.g. after a kill during a later measure) used to measure everything again.
+    What the file holds with the same settings on the same data is skipped now, and its stored summary shown."""
+    out, first = analysis
+    p = tmp_path / "again.h5"
+    p.write_bytes(out.read_bytes())
+    ckpt = str(tiny_run / "model.pt")
+    joint = "hessian+trace+density"
+
+    def rerun(*extra: str) -> str:
+        capsys.readouterr()
+        assert main(["sharpness", ckpt, *ANALYSIS, *extra, "--out", str(p)]) == 0
+        return capsys.readouterr().out
+
+    said = rerun()
+    assert f"[{joint}] already in {p} with these settings and data; skipped (--recompute" in said
+    assert "predicted cost" not in said and p.read_bytes() == out.read_bytes()  # nothing measured, nothing written
+    assert said.split("\nsummary", 1)[1] == first.stdout.split("\nsummary", 1)[1]  # the stored rows, as printed
+    a = fl.hessian.read(p)["attrs"]
+    assert json.loads(a["trace_options"])["options"]["max_hvp"] == 30 and json.loads(a["trace_options"])["step"] == joint
+    # --recompute measures again: the same numbers (seeded; bitwise only at the fixture process' thread count)
+    said = rerun("--recompute")
+    assert f"[{joint}] predicted cost" in said and "skipped" not in said
+    again = fl.hessian.read(p)
+    assert np.allclose(again["eigenvalues"], fl.hessian.read(out)["eigenvalues"], rtol=1e-5, atol=0)
+    assert again["attrs"]["trace_written"] >= a["trace_written"]
+    # another option of a member, another seed, another sample subset: measured
+    for extra in (["--max-hvp", "31"], ["--seed", "1"], ["--samples", "48"]):
+        assert f"[{joint}] predicted cost" in rerun(*extra), extra
+    # a member missing its settings (killed between the shared run's writes): the step runs whole
+    rerun()
+    with h5py.File(p, "a") as f:
+        del f["hessian"].attrs["trace_options"]
+    assert f"[{joint}] predicted cost" in rerun()
+    # a measure run alone is another step than the shared run: the stored shared result does not stand in for it
+    capsys.readouterr()
+    assert main(["sharpness", ckpt, "--measures", "hessian", *FAST, "--k", "2", "--k-bottom", "1", "--tol", "1e-4",
+                 "--out", str(p)]) == 0
+    assert "[hessian] predicted cost" in capsys.readouterr().out
+    assert main(["sharpness", ckpt, "--measures", "hessian", *FAST, "--k", "2", "--k-bottom", "1", "--tol", "1e-4",
+                 "--out", str(p)]) == 0
+    assert "[hessian] already in" in capsys.readouterr().out
 
 
 def test_a_kill_during_the_shared_runs_trace_probes_keeps_eigenvalues_and_density(tiny_run, tmp_path):

@@ -39,9 +39,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=path_arg, help="analysis file (default: analysis.h5 beside model.pt; <stem>_analysis.h5 beside any other checkpoint)")
     p.add_argument("--progress-every", type=float, default=15.0,
                    help="seconds between progress lines when stderr is not a terminal (0: every step)")
+    p.add_argument("--recompute", action="store_true",
+                   help="measure again what --out already holds with the same settings (by default a rerun skips it)")
+    options: dict[str, list[str]] = {}
     for m in measures.values():
-        m.add_arguments(p.add_argument_group(f"{m.name}: {m.help}"))
-    p.set_defaults(func=run)
+        group = _OptionRecorder(p.add_argument_group(f"{m.name}: {m.help}"))
+        m.add_arguments(group)
+        options[m.name] = group.dests
+    p.set_defaults(func=run, measure_options=options)
+
+
+class _OptionRecorder:
+    """An argument group that remembers the ``dest`` of every option added to it: which options are a
+    measure's own, for the settings fingerprint of :func:`fingerprint`."""
+
+    def __init__(self, group: argparse._ArgumentGroup) -> None:
+        self._group = group
+        self.dests: list[str] = []
+
+    def add_argument(self, *args, **kwargs):
+        action = self._group.add_argument(*args, **kwargs)
+        self.dests.append(action.dest)
+        return action
+
+    def __getattr__(self, name: str):
+        return getattr(self._group, name)
+
+
+def fingerprint(step, args: argparse.Namespace) -> str:
+    """JSON of what decides a step's numbers besides the Objective: flatlens' version, the step (which measures
+    share its work) and the values of its measures' own options. Stored with the results; a rerun whose
+    fingerprint and Objective match skips the step."""
+    import json
+
+    from flatlens import __version__
+
+    own = {d: getattr(args, d, None) for m in step.members for d in args.measure_options.get(m, [])}
+    return json.dumps({"flatlens_version": __version__, "step": step.label, "options": own}, sort_keys=True,
+                      default=str)
 
 
 def add_objective_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,6 +163,14 @@ def run(args: argparse.Namespace) -> int:
         kernel_said = False
         for step in plan(names, args):
             name = step.label
+            fp = fingerprint(step, args)
+            stored = None
+            if step.completed is not None and not args.recompute:  # rank 0 reads the file, every rank skips
+                stored = D.broadcast_object(ctx, step.completed(obj, args, out, fp) if ctx.is_main else None)
+            if stored is not None:
+                say(f"[{name}] already in {out} with these settings and data; skipped (--recompute measures it again)")
+                rows += [tuple(r) for r in stored]
+                continue
             est = step.estimate(obj, args)
             hvp_s = _hvp_seconds(obj, t_forward) if est.n_hvp else 0.0
             if est.n_hvp and not kernel_said:
@@ -147,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
                 return Progress(total, 0, desc=desc, enabled=ctx.is_main, every_seconds=args.progress_every)
 
             with obj.space.guard():
-                result = step.run(obj, args, RunContext(out=out, is_main=ctx.is_main, progress=progress, log=say))
+                result = step.run(obj, args, RunContext(out=out, is_main=ctx.is_main, progress=progress, log=say,
+                                                        fingerprint=fp))
             costs = {k: obj.costs()[k] - before[k] for k in before}
             costs["seconds"] = time.perf_counter() - started
             if ctx.is_main and not result.written:

@@ -65,6 +65,7 @@ per-layer and quantization terms then need ``blocks=``/are not available.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -154,6 +155,13 @@ def _source(obj: Any, *, hvp: bool = True) -> _Source:
                 "dtype": str(obj.dtype).replace("torch.", ""), "param_names": list(obj.names),
                 "param_shapes": [list(s) for s in obj.shapes]}
         return _Source(obj.as_operator(), prov, _root_provenance(None))
+    from flatlens.checkpoint import Run
+
+    if isinstance(obj, (torch.nn.Module, Run)):  # a notebook's first try: say how to wrap it
+        from flatlens.measure.objective import require_objective
+
+        require_objective(obj, "a Hessian measure", " (or an operator: an HVP engine, a SymmetricOperator, a "
+                          "symmetric matrix)")
     try:
         op = L.as_operator(obj)
     except ValueError as exc:
@@ -211,6 +219,10 @@ class _Stored:
     shared_hvp: int = 0
     """HVPs of another measure this result reused (:func:`spectrum`: the density's first Lanczos run);
     not counted in ``n_hvp``, which holds only this measure's own."""
+    options: str = field(default="", repr=False)
+    """Set by ``flatlens sharpness``: the JSON fingerprint of its settings
+    (:attr:`flatlens.measure.registry.RunContext.fingerprint`), stored as ``<prefix>options`` with the summary
+    rows as ``<prefix>summary``, so that a rerun with the same settings can skip this measure."""
 
     MEASURE: ClassVar[str] = ""
     PREFIXES: ClassVar[tuple[str, ...]] = ()
@@ -1301,6 +1313,11 @@ def write(path: str | Path, *results: _Stored) -> Path:
         raise FlatlensError(f"write() got {', '.join(twice)} more than once; the later would replace the earlier "
                             "in the file; pass one result of each kind (write the others to another file)")
     stored = [r.to_store() for r in results]
+    for r, (_, attrs) in zip(results, stored):
+        if r.options:  # written in the same transaction as the numbers they describe
+            prefix = _COST_PREFIXES[r.MEASURE]
+            attrs[f"{prefix}options"] = r.options
+            attrs[f"{prefix}summary"] = json.dumps([[r.MEASURE, label, value] for label, value in r.summary()])
     for r, (_, attrs) in zip(results[1:], stored[1:]):
         # one group holds one function's measures; a second setup would replace the group (losing the first)
         differ = store.differing_attrs(stored[0][1], attrs, SHARED_KEYS)

@@ -103,13 +103,49 @@ def _cli_progress(ctx: Any, total: int, desc: str):
     return bar, (lambda n: bar.update(n))
 
 
+def _tagged(results: Any, ctx: Any) -> list[_Stored]:
+    """``results`` carrying the step's settings fingerprint, stored with them (see :func:`_stored_rows`)."""
+    for r in results:
+        r.options = ctx.fingerprint
+    return list(results)
+
+
 def _output(*results: _Stored, ctx: Any):
     from flatlens.measure.registry import MeasureOutput
 
     if ctx.is_main:
-        write(ctx.out, *results)
+        write(ctx.out, *_tagged(results, ctx))
     rows = [(r.MEASURE, label, value) for r in results for label, value in r.summary()]
     return MeasureOutput(group=GROUP, datasets={}, attrs={}, summary=rows, written=True)
+
+
+def _stored_rows(obj: Any, args: Any, out: Any, fingerprint: str, members: list[str]) -> list[tuple[str, ...]] | None:
+    """The stored summary rows of ``members`` when ``out:/hessian`` holds every one of them with this
+    ``fingerprint`` (flatlens version, step, options) on this Objective's setup (:data:`SHARED_KEYS`: split,
+    sample subset, parameters, space, checkpoint, seed), else None. Device, kernel, batch size and thread
+    count are not compared: they change rounding, not what is measured."""
+    import json
+    from pathlib import Path
+
+    from flatlens import store
+    from flatlens.measure.hessian import _COST_PREFIXES, SHARED_KEYS
+
+    if not Path(out).is_file():
+        return None
+    with store.open_h5(out, "r") as f:
+        if GROUP not in f:
+            return None
+        stored = {k: store._decode(v) for k, v in f[GROUP].attrs.items()}
+    current = {**obj.describe(), "seed": args.seed}
+    if store.differing_attrs(current, stored, SHARED_KEYS):
+        return None
+    rows: list[tuple[str, ...]] = []
+    for m in members:
+        prefix = _COST_PREFIXES[m]
+        if stored.get(f"{prefix}options") != fingerprint or f"{prefix}summary" not in stored:
+            return None
+        rows += [tuple(r) for r in json.loads(stored[f"{prefix}summary"])]
+    return rows
 
 
 def lanczos_vector_passes(steps: int) -> int:
@@ -215,13 +251,16 @@ def _register() -> None:
             _check_trace_args(args.trace_rtol, args.layer_rtol, args.trace_level, 2, 1, 0.0)
             L._check_int("max_hvp", args.max_hvp, 1 if shared else 2, "pass the most HVPs the estimate may use")
 
+    def completed(name: str):
+        return lambda obj, args, out, fingerprint: _stored_rows(obj, args, out, fingerprint, [name])
+
     register(Measure("hessian", "top-k / bottom-k Hessian eigenvalues (Lanczos, certified)", _add_hessian_args,
-                     est_hessian, run_hessian, _check_hessian_cli))
+                     est_hessian, run_hessian, _check_hessian_cli, completed("hessian")))
     register(Measure("trace", "Hessian trace with a 95% CI (krylov, Hutch++, XTrace, Hutchinson) or exact "
                      "(gauss-newton), per-layer traces, QGen noise terms", _add_trace_args, est_trace, run_trace,
-                     check_trace))
+                     check_trace, completed("trace")))
     register(Measure("density", "spectral density (stochastic Lanczos quadrature)", _add_density_args,
-                     est_density, run_density, _check_density_cli))
+                     est_density, run_density, _check_density_cli, completed("density")))
 
     def covers_spectrum(args: Any, names: list[str]) -> list[str]:
         if not getattr(args, "shared_krylov", True) or "density" not in names:
@@ -247,12 +286,12 @@ def _register() -> None:
                            trace="trace" in members, rtol=args.trace_rtol or None, max_hvp=args.max_hvp,
                            level=args.trace_level, layers=args.layers, layer_rtol=args.layer_rtol,
                            grid=args.density_grid, sigma=args.density_sigma, seed=args.seed, progress=prog,
-                           on_ready=(lambda done: write(ctx.out, *done)) if ctx.is_main else None)
+                           on_ready=(lambda done: write(ctx.out, *_tagged(done, ctx))) if ctx.is_main else None)
         finally:
             bar.close()
         return _output(*res.results, ctx=ctx)
 
-    register_joint(Joint("spectrum", covers_spectrum, est_spectrum, run_spectrum))
+    register_joint(Joint("spectrum", covers_spectrum, est_spectrum, run_spectrum, _stored_rows))
 
 
 _register()

@@ -66,6 +66,12 @@ class Measure:
     """Called with the parsed options and the requested measures before the checkpoint is loaded: raises
     a one-line FlatlensError naming the flag of a bad value, so it fails in a second, not after loading
     the model and timing the HVP kernels."""
+    completed: Callable[[Any, argparse.Namespace, Any, str], "list[tuple[str, ...]] | None"] | None = None
+    """``completed(obj, args, out, fingerprint)``: the summary rows of this measure's result in the analysis
+    file ``out`` when it is stored there with these settings (the same ``fingerprint``, see
+    :attr:`RunContext.fingerprint`, and the same Objective), else None. ``flatlens sharpness`` then skips
+    the measure (a rerun after a kill does not pay again for what was finished). None: never skipped
+    (e.g. a measure that resumes its own work)."""
 
 
 @dataclass
@@ -76,6 +82,10 @@ class RunContext:
     is_main: bool
     progress: Callable[..., Any]
     log: Callable[[str], None]
+    fingerprint: str = ""
+    """JSON of what decides this step's numbers besides the Objective: the flatlens version, the step (which
+    measures share it) and the option values of its measures. A measure that can be skipped on a rerun
+    stores it beside its results and compares it in ``completed``."""
 
 
 @dataclass
@@ -88,6 +98,8 @@ class Joint:
     covers: Callable[[argparse.Namespace, list[str]], list[str]]
     estimate: Callable[[Any, argparse.Namespace, list[str]], Estimate]
     run: Callable[[Any, argparse.Namespace, "RunContext", list[str]], MeasureOutput]
+    completed: Callable[[Any, argparse.Namespace, Any, str, list[str]], "list[tuple[str, ...]] | None"] | None = None
+    """As :attr:`Measure.completed`, for all the measures it covers (given last) at once."""
 
 
 @dataclass
@@ -98,6 +110,8 @@ class Step:
     members: list[str]
     estimate: Callable[[Any, argparse.Namespace], Estimate]
     run: Callable[[Any, argparse.Namespace, "RunContext"], MeasureOutput]
+    completed: Callable[[Any, argparse.Namespace, Any, str], "list[tuple[str, ...]] | None"] | None = None
+    """``completed(obj, args, out, fingerprint)``: see :attr:`Measure.completed`."""
 
 
 REGISTRY: dict[str, Measure] = {}
@@ -124,13 +138,15 @@ def plan(names: list[str], args: argparse.Namespace) -> list[Step]:
         if len(cov) < 2:
             continue
         taken.update(cov)
+        done = None if j.completed is None else (
+            lambda obj, a, out, fp, j=j, cov=cov: j.completed(obj, a, out, fp, cov))
         steps.append((min(names.index(n) for n in cov), Step(
             "+".join(cov), cov, lambda obj, a, j=j, cov=cov: j.estimate(obj, a, cov),
-            lambda obj, a, ctx, j=j, cov=cov: j.run(obj, a, ctx, cov))))
+            lambda obj, a, ctx, j=j, cov=cov: j.run(obj, a, ctx, cov), done)))
     for i, n in enumerate(names):
         if n not in taken:
             m = REGISTRY[n]
-            steps.append((i, Step(n, [n], m.estimate, m.run)))
+            steps.append((i, Step(n, [n], m.estimate, m.run, m.completed)))
     return [s for _, s in sorted(steps, key=lambda t: t[0])]
 
 
