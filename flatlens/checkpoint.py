@@ -89,6 +89,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"a checkpoint path is a str or Path, not {type(path).__name__}; pass e.g. "
                               "'runs/erm/model.pt'")
     p = Path(path)
+    if p.is_dir():  # a run's folder: name the checkpoints it holds
+        held = sorted(c.name for c in p.glob("*.pt"))
+        hint = (f"give one of its checkpoints, e.g. {p / ('model.pt' if 'model.pt' in held else held[0])}"
+                f" ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})" if held else
+                "it holds no .pt file; give the path of a .pt file written by `flatlens train`")
+        raise CheckpointError(f"{p} is a folder, not a checkpoint: {hint}")
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p} (give the path of a .pt file written by `flatlens train`)")
     with open(p, "rb") as f:

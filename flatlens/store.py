@@ -240,18 +240,20 @@ def _copy_on_write(path: Path) -> Iterator[Any]:
             tmp.unlink(missing_ok=True)
 
 
-def check_file(path: str | Path, checkpoint_sha256: str | None = None) -> None:
-    """Raise StoreError unless ``path`` is a flatlens analysis file (of this checkpoint, when given)."""
+def check_file(path: str | Path, checkpoint_sha256: str | None = None, *, writing: bool = False) -> None:
+    """Raise StoreError unless ``path`` is a flatlens analysis file (of this checkpoint, when given). The fix
+    named is another ``--out`` when ``writing``, else a file written by flatlens (a reader's mistake)."""
     p = Path(path)
+    fix = "choose another --out" if writing else "give an analysis .h5 file written by flatlens sharpness or landscape"
     try:
         with open_h5(p, "r") as f:
             fmt = _decode(f.attrs.get("format", ""))
             sha = _decode(f.attrs.get("checkpoint_sha256", ""))
             version = int(f.attrs.get("schema_version", 0))
     except OSError as exc:
-        raise StoreError(f"{p} is not a readable HDF5 file ({_one_line(exc)}); choose another --out") from None
+        raise StoreError(f"{p} is not a readable HDF5 file ({_one_line(exc)}); {fix}") from None
     if fmt != FORMAT:
-        raise StoreError(f"{p} is an HDF5 file but not a flatlens analysis file; choose another --out")
+        raise StoreError(f"{p} is an HDF5 file but not a flatlens analysis file; {fix}")
     if version > SCHEMA_VERSION:
         raise StoreError(f"{p} has schema {version}, newer than this flatlens ({__version__}); upgrade flatlens")
     if checkpoint_sha256 and sha and sha != checkpoint_sha256:
@@ -289,7 +291,7 @@ def ensure_file(path: str | Path, provenance: Mapping[str, Any]) -> Path:
     with write_lock(p):  # two processes creating the file at once: the second finds the first's
         _remove_stale_copies(p)
         if p.exists():
-            check_file(p, str(provenance.get("checkpoint_sha256", "")) or None)
+            check_file(p, str(provenance.get("checkpoint_sha256", "")) or None, writing=True)
             return p
         with _copy_on_write(p) as f:
             f.attrs["format"] = FORMAT

@@ -27,11 +27,19 @@ def _one_line_error(proc, fragment):
      "PACS not found at /nonexistent/PACS"),
     (["train", "--set", "data.test_envs=9", "--out", "OUT"], "data.test_envs [9] names no domain of rotated_digits"),
     (["info", "missing.pt"], "checkpoint not found: missing.pt"),
+    (["info", "missing.h5"], "analysis file not found: missing.h5"),
+    (["info", "EMPTY"], "EMPTY is a folder, not a checkpoint: it holds no .pt file"),
+    (["sharpness", "RUN"], "RUN is a folder, not a checkpoint: give one of its checkpoints, e.g. RUN/model.pt "
+                           "(last.pt, model.pt)"),
     (["collect", "EMPTY"], "no flatlens runs"),
 ])
 def test_user_errors(tmp_path, args, fragment):
     (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "RUN").mkdir()
+    for name in ("model.pt", "last.pt"):  # a run's folder given for its checkpoint
+        (tmp_path / "RUN" / name).write_bytes(b"")
     args = [a.replace("OUT", str(tmp_path / "out")).replace("EMPTY", str(tmp_path / "EMPTY")) for a in args]
+    fragment = fragment.replace("EMPTY", str(tmp_path / "EMPTY"))
     _one_line_error(flatlens_cmd(*args, cwd=tmp_path), fragment)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

@@ -311,3 +311,22 @@ def test_objective_on_a_checkpoint(tiny_run):
             Objective(run, samples=8, **kwargs)
     with pytest.raises(FlatlensError, match="a checkpoint path is a str or Path, not NoneType"):
         fl.load_checkpoint(None)
+
+
+def test_a_run_or_a_model_passed_for_an_objective_says_how_to_wrap_it(tiny_run):
+    """A notebook's first try, ``fl.hessian.eigenvalues(run)``, said "got Run as an operator; pass a
+    SymmetricOperator..." and ``fl.landscape.surface(run)`` died with "'Run' object has no attribute 'space'"."""
+    from flatlens.measure import gauss_newton, landscape
+
+    run = fl.load_checkpoint(tiny_run / "model.pt")
+    calls = {"a Hessian measure": (fl.hessian.eigenvalues, fl.hessian.trace, fl.hessian.density, fl.hessian.spectrum,
+                                   fl.hessian.layer_traces, fl.hessian.power_iteration,
+                                   lambda o: fl.hessian.trace(o, "gauss-newton")),
+             "a loss surface": (landscape.surface,), "the Gauss-Newton diagonal": (gauss_newton.hessian_diagonal,)}
+    for what, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(FlatlensError, match=rf"^{what} of a Run: it needs an Objective.*; wrap the run: "
+                                                    r"fl\.Objective\(run\)"):
+                fn(run)
+            with pytest.raises(FlatlensError, match=rf"^{what} of a Classifier: .*fl\.Objective\(model, batches="):
+                fn(run.model)

@@ -49,10 +49,13 @@ def test_refuses_foreign_files_and_other_checkpoints(tmp_path):
         store.ensure_file(p, {**PROV, "checkpoint_sha256": "b" * 64})
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = 1
-    with pytest.raises(StoreError, match="not a flatlens analysis file"):
+    with pytest.raises(StoreError, match="not a flatlens analysis file; choose another --out"):
         store.ensure_file(tmp_path / "foreign.h5", PROV)
+    # a reader is told to give an analysis file, not to choose an --out it never passed
+    with pytest.raises(StoreError, match="not a flatlens analysis file; give an analysis .h5 file written by"):
+        store.read(tmp_path / "foreign.h5")
     (tmp_path / "text.h5").write_text("hello")
-    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+    with pytest.raises(StoreError, match=r"not a readable HDF5 file \(.*\); give an analysis .h5 file written by"):
         store.read(tmp_path / "text.h5")
 
 

@@ -27,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
+    if path.suffix in (".h5", ".hdf5") and not path.exists():
+        from flatlens.errors import StoreError
+
+        raise StoreError(f"analysis file not found: {path} (give a .h5 file written by flatlens sharpness or "
+                         "landscape, or a .pt checkpoint)")
     if path.is_file():
         with open(path, "rb") as f:
             if f.read(8) == HDF5_SIGNATURE:

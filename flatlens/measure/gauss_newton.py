@@ -348,11 +348,13 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
 
     Under torch.distributed each rank does its own samples and the diagonal is all-reduced.
     """
-    from flatlens.measure.objective import Objective
+    from flatlens.checkpoint import Run
+    from flatlens.measure.objective import Objective, require_objective
 
-    if not isinstance(obj, Objective):
+    if not isinstance(obj, (Objective, torch.nn.Module, Run)):
         raise FlatlensError("the Gauss-Newton diagonal needs an Objective (a model, its samples and the "
                             "cross-entropy); for an operator use trace method 'krylov'")
+    require_objective(obj, "the Gauss-Newton diagonal")
     steps = _Steps(obj, per_sample, chunk)
     t0 = time.perf_counter()
     pl = None

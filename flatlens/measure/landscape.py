@@ -267,7 +267,9 @@ def surface(obj, dims: int | None = None, grid: str | Axis | None = None, y_grid
         log / progress: a line printer; ``progress(total, desc)`` -> object with ``update(n)``/``close()``.
     """
     from flatlens import store
+    from flatlens.measure.objective import require_objective
 
+    require_objective(obj, "a loss surface")
     _check_counts(repeat, block_size)
     seed = check_seed(seed)
     say = log or (lambda _m: None)

@@ -39,6 +39,23 @@ from flatlens.seeding import check_seed, generator
 SPLITS_HELP = "train (source in splits), source-val (source out splits), target (all of the target domains), env{i}_in/out"
 
 
+def require_objective(obj: Any, measure: str, also: str = "") -> None:
+    """A one-line FlatlensError unless ``obj`` is an :class:`Objective`, naming how to build one from what was
+    passed: a checkpoint's Run or a bare model (the natural first calls in a notebook) have no samples, split
+    or parameter space yet. ``also``: what else the measure accepts (e.g. an operator), for the message."""
+    if isinstance(obj, Objective):
+        return
+    from flatlens.checkpoint import Run
+
+    if isinstance(obj, Run):
+        fix = "wrap the run: fl.Objective(run) (choose split=, samples=, space= there), and pass that"
+    elif isinstance(obj, nn.Module):
+        fix = "wrap the model with its samples: fl.Objective(model, batches=[(x, y), ...]), and pass that"
+    else:
+        fix = "pass fl.Objective(fl.load_checkpoint(path))"
+    raise FlatlensError(f"{measure} of a {type(obj).__name__}: it needs an Objective{also}; {fix}")
+
+
 def _checked_batches(batches: Any) -> list[tuple[Tensor, Tensor]]:
     """Explicit ``[(x, y), ...]``: pairs of tensors with as many inputs as integer labels >= 0."""
     out = []
