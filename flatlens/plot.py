@@ -91,6 +91,19 @@ class SurfaceData:
                                                         f"{int(self.done.sum())}/{self.done.size} points"})
 
 
+def _checkpoint_of(path: str | Path) -> str:
+    """The checkpoint an analysis file was measured on (its root ``checkpoint`` attribute, quoted for a
+    shell), for the command a message suggests; ``CKPT`` when the file does not say."""
+    import shlex
+
+    try:
+        with store.open_h5(Path(path), "r") as f:
+            ckpt = _decode(f.attrs.get("checkpoint", ""))
+    except (OSError, StoreError):
+        ckpt = ""
+    return shlex.quote(str(ckpt)) if ckpt else "CKPT"
+
+
 def list_surfaces(path: str | Path) -> list[str]:
     """Names of the landscape groups in an analysis file."""
     p = Path(path)
@@ -101,7 +114,8 @@ def list_surfaces(path: str | Path) -> list[str]:
             g = f.get(GROUP_PREFIX)
             return sorted(k for k in g.keys() if "done" in g[k]) if g is not None else []
     except OSError as exc:
-        raise StoreError(f"{p} is not a readable HDF5 file ({exc})") from None
+        raise StoreError(f"{p} is not a readable HDF5 file ({store._one_line(exc)}); give an analysis .h5 file "
+                         "written by flatlens sharpness or landscape") from None
 
 
 def surfaces_of_dims(path: str | Path, dims: int, group: str | None = None) -> list[SurfaceData]:
@@ -113,7 +127,7 @@ def surfaces_of_dims(path: str | Path, dims: int, group: str | None = None) -> l
     if not chosen:
         held = ", ".join(f"{s.name} ({s.dims}-D)" for s in surfaces) or "none"
         raise FlatlensError(f"{path} holds no {dims}-D landscape{f' named {group!r}' if group else ''} (landscapes: "
-                            f"{held}); add one with: flatlens landscape CKPT --dim {dims} --out {path}")
+                            f"{held}); add one with: flatlens landscape {_checkpoint_of(path)} --dim {dims} --out {path}")
     return chosen
 
 
@@ -406,10 +420,12 @@ def plot_file(path: str | Path, out_dir: str | Path | None = None, formats: Sequ
 def load_spectrum(path: str | Path) -> dict[str, Any]:
     """The SLQ density curve, top eigenvalues and trace of one file's ``/hessian`` group."""
     if "hessian" not in store.groups(path):
-        raise FlatlensError(f"{path} has no /hessian group; run: flatlens sharpness CKPT --measures hessian,trace,density --out {path}")
+        raise FlatlensError(f"{path} has no /hessian group; run: flatlens sharpness {_checkpoint_of(path)} --measures "
+                            f"hessian,trace,density --out {path}")
     r = store.read(path, "hessian")
     if "density" not in r:
-        raise FlatlensError(f"{path}: /hessian has no density; add it with: flatlens sharpness CKPT --measures density --out {path}")
+        raise FlatlensError(f"{path}: /hessian has no density; add it with: flatlens sharpness {_checkpoint_of(path)} "
+                            f"--measures density --out {path}")
     d = r["density"]
     out: dict[str, Any] = {"grid": np.asarray(d["grid"], dtype=float), "values": np.asarray(d["values"], dtype=float)}
     sigma = float(d.get("attrs", {}).get("sigma", math.nan))

@@ -173,12 +173,20 @@ def test_figure_scripts_never_succeed_drawing_nothing(files, tmp_path, capsys):
     file or --group was a StoreError traceback. Each is now one line 'error: ...' and status 2."""
     bare = tmp_path / "bare.h5"
     store.ensure_file(bare, {"checkpoint_sha256": "a" * 64, "config": {}})
+    named = tmp_path / "named.h5"
+    store.ensure_file(named, {"checkpoint_sha256": "a" * 64, "checkpoint": "/runs/my run/model.pt", "config": {}})
+    text = tmp_path / "text.h5"
+    text.write_text("not hdf5")
     cases = (("landscape_1d.py", [str(bare)], "holds no 1-D landscape (landscapes: none); add one with: flatlens "
                                               "landscape CKPT --dim 1"),
              ("landscape_2d.py", [str(bare)], "holds no 2-D landscape"),
              ("landscape_2d.py", [str(files["float"]), "--group", "random_1d"], "holds no 2-D landscape named "
                                                                                 "'random_1d' (landscapes: random_1d (1-D))"),
              ("landscape_1d.py", [str(tmp_path / "missing.h5")], "analysis file not found"),
+             # the command to run names the file's own checkpoint (it said CKPT), quoted for a shell
+             ("landscape_2d.py", [str(named)], "add one with: flatlens landscape '/runs/my run/model.pt' --dim 2 --out"),
+             ("landscape_1d.py", [str(text)], "is not a readable HDF5 file (Unable to synchronously open file "
+                                              "(file signature not found)); give an analysis .h5 file written by"),
              ("compare.py", [str(files["float"]), str(bare)], "the files share no landscape name"),
              ("compare.py", [str(files["float"]), str(files["qat"]), "--group", "nope"], "has no landscape 'nope'"))
     for script, args, message in cases:
