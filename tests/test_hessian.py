@@ -134,12 +134,12 @@ def test_trace_estimators_and_stopping_rule():
                               sketch_size=133 if method == "krylov" else None)
         assert tr.converged and tr.rel_half_width <= rtol and abs(tr.estimate - truth) <= 3.5 * tr.stderr, method
         assert tr.n_hvp <= 400 and tr.method == method
-    # Hutch++ total equals linalg.hutchpp with the same seeded generator (same probes, same CI)
-    from flatlens.measure import linalg
+    # Hutch++ total equals trace_estimators.hutchpp with the same seeded generator (same probes, same CI)
+    from flatlens.measure import trace_estimators
     from flatlens.seeding import generator
 
     a = fl.hessian.trace(obj, "hutchpp", rtol=0.02, max_hvp=99, seed=5, layers="none")
-    b = linalg.hutchpp(obj.operator(), rtol=0.02, max_matvec=99, generator=generator(5, "trace", 0))
+    b = trace_estimators.hutchpp(obj.operator(), rtol=0.02, max_matvec=99, generator=generator(5, "trace", 0))
     assert a.n_hvp == b.n_matvec and a.estimate == pytest.approx(b.estimate, rel=1e-12)
     assert a.stderr == pytest.approx(b.stderr, rel=1e-8)
     # a sketch or Krylov basis spanning the whole space makes the trace exact (stderr 0)

@@ -9,19 +9,18 @@ import pytest
 import torch
 
 import flatlens.measure.linalg as L
+import flatlens.measure.trace_estimators as T
+from flatlens.measure import memory
 
 from flatlens.measure.linalg import (
     SymmetricOperator,
-    blockwise_trace,
-    hutchinson,
-    hutchpp,
     lanczos_eigenvalues,
     make_generator,
     power_iteration,
     rademacher,
     slq_density,
-    xtrace,
 )
+from flatlens.measure.trace_estimators import blockwise_trace, hutchinson, hutchpp, xtrace
 
 F64 = torch.float64
 
@@ -542,15 +541,14 @@ def test_bases_that_cannot_fit_in_memory_are_one_line_errors(monkeypatch):
     died in the allocator ("DefaultCPUAllocator: can't allocate memory"), or were OOM-killed later. They
     are refused up front, saying how much they need; and --eig-max-iter is a cap, so the eigenvalue
     basis grows as the run needs it instead of reserving max_iter x n."""
-    import flatlens.measure.linalg as L
 
     A = torch.diag(torch.linspace(1.0, 2.0, 300, dtype=torch.float64))
-    monkeypatch.setattr(L, "available_bytes", lambda device: 80 * 300 * 8)  # room for 80 vectors of 300
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 80 * 300 * 8)  # room for 80 vectors of 300
     with pytest.raises(ValueError, match=r"the Lanczos bases of 1 probe\(s\) x 100 steps needs 0.2 MiB \(1 x 100 x "
                                          r"300 float64 values\) and cpu has 0.2 MiB available; lower n_steps"):
         L.slq_density(A, 1, 100)
     with pytest.raises(ValueError, match="the Hutch\\+\\+ sketch of 100 vectors needs"):
-        L.hutchpp(A, max_matvec=300)
+        T.hutchpp(A, max_matvec=300)
     gapped = torch.diag(torch.cat([torch.tensor([10.0], dtype=torch.float64), torch.linspace(1.0, 2.0, 299,
                                                                                          dtype=torch.float64)]))
     r = L.lanczos_eigenvalues(gapped, k_top=1, tol=1e-6, max_iter=10**9, generator=0)  # a cap: no reservation
@@ -563,9 +561,8 @@ def test_available_memory_respects_the_memory_cgroup(tmp_path, monkeypatch):
     """A SLURM job or a container is limited by its memory cgroup, not by the machine's MemAvailable
     (a 16 GB job on a 512 GB node). The room is the tightest limit minus the working set (usage less
     inactive page cache, which the kernel reclaims first); cgroup v2 and v1."""
-    import flatlens.measure.linalg as L
 
-    real_read = L._read
+    real_read = memory._read
     v2 = tmp_path / "v2"
     (v2 / "slurm" / "job_7").mkdir(parents=True)
     (v2 / "slurm" / "job_7" / "memory.max").write_text(f"{16 * 2**30}\n")
@@ -573,18 +570,18 @@ def test_available_memory_respects_the_memory_cgroup(tmp_path, monkeypatch):
     (v2 / "slurm" / "job_7" / "memory.stat").write_text(f"anon 1\ninactive_file {2 * 2**30}\n")
     (v2 / "slurm" / "memory.max").write_text("max\n")  # an unlimited parent does not count
     (v2 / "slurm" / "memory.current").write_text("1\n")
-    monkeypatch.setattr(L, "CGROUP_ROOT", str(v2))
-    monkeypatch.setattr(L, "_read", lambda p: "0::/slurm/job_7\n" if p == "/proc/self/cgroup" else real_read(p))
-    assert L._cgroup_room() == 12 * 2**30  # 16 - (6 - 2)
-    assert L.available_bytes("cpu") <= 12 * 2**30
+    monkeypatch.setattr(memory, "CGROUP_ROOT", str(v2))
+    monkeypatch.setattr(memory, "_read", lambda p: "0::/slurm/job_7\n" if p == "/proc/self/cgroup" else real_read(p))
+    assert memory._cgroup_room() == 12 * 2**30  # 16 - (6 - 2)
+    assert memory.available_bytes("cpu") <= 12 * 2**30
     v1 = tmp_path / "v1"
     (v1 / "memory").mkdir(parents=True)  # namespaced: the job's cgroup is the mount's root
     (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
     (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{2**30}\n")
     (v1 / "memory" / "memory.stat").write_text("total_inactive_file 0\n")
-    monkeypatch.setattr(L, "CGROUP_ROOT", str(v1))
-    monkeypatch.setattr(L, "_read", lambda p: ("4:memory:/docker/abc\n1:cpu:/\n" if p == "/proc/self/cgroup"
+    monkeypatch.setattr(memory, "CGROUP_ROOT", str(v1))
+    monkeypatch.setattr(memory, "_read", lambda p: ("4:memory:/docker/abc\n1:cpu:/\n" if p == "/proc/self/cgroup"
                                                else real_read(p)))
-    assert L._cgroup_room() == 2**30
+    assert memory._cgroup_room() == 2**30
     (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
-    assert L._cgroup_room() is None
+    assert memory._cgroup_room() is None

@@ -223,7 +223,7 @@ def test_objective_has_no_side_effects():
 def test_a_split_too_large_to_cache_is_refused_before_loading(tiny_run, monkeypatch):
     """The Objective caches its samples as tensors; a whole large split (DomainNet's train split at
     224x224 is ~90 GB) ran the machine out of memory while loading. It is refused first, naming --samples."""
-    import flatlens.measure.linalg as L
+    import flatlens.measure.memory as L
 
     run = fl.load_checkpoint(tiny_run / "model.pt")
     loads = []
@@ -239,7 +239,7 @@ def test_a_batch_whose_hvp_graph_cannot_fit_is_refused_with_a_batch_size_that_fi
     """Every kernel holds one batch's double-backward graph; a ResNet-50 batch of 256 at 224x224 keeps
     tens of GB (OOM-killed on CPU, every kernel failing on CUDA). The graph of two samples is counted
     and scaled; too large, the first HVP is a one-line error naming a --batch-size that fits."""
-    import flatlens.measure.linalg as L
+    import flatlens.measure.memory as L
     from flatlens.measure.hvp import graph_bytes, make_loss_fn
 
     run = fl.load_checkpoint(tiny_run / "model.pt")

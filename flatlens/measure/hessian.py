@@ -12,7 +12,8 @@ small result object with values, error bars, costs and provenance)::
     sp = fl.hessian.spectrum(obj, 3, 30, k=5)                       # the three sharing the SLQ runs; sp.write(path)
     stored = fl.hessian.read("analysis.h5")
 
-What each function does (the maths and error statements are in :mod:`flatlens.measure.linalg`):
+What each function does (the maths and error statements are in :mod:`flatlens.measure.linalg` and
+:mod:`flatlens.measure.trace_estimators`):
 
 * :func:`eigenvalues` -- the ``k`` largest and ``k_bottom`` smallest eigenvalues in ONE Lanczos run with
   full reorthogonalisation. It stops when every Ritz residual satisfies ``r <= tol |theta| / (1 + tol)``
@@ -80,6 +81,8 @@ from torch import Tensor
 from flatlens import store
 from flatlens.errors import FlatlensError
 from flatlens.measure import linalg as L
+from flatlens.measure import memory
+from flatlens.measure import trace_estimators as T
 from flatlens.measure.params import SideEffectError
 from flatlens.seeding import check_seed, generator as seeded_generator
 
@@ -767,7 +770,7 @@ def _student(exact: np.ndarray, M: np.ndarray, level: float) -> tuple[np.ndarray
     est = exact + (M.mean(axis=0) if m else 0.0)
     if m >= 2:
         se = M.std(axis=0, ddof=1) / math.sqrt(m)
-        hw = L._t_quantile(level, m - 1) * se
+        hw = T._t_quantile(level, m - 1) * se
     elif m == 0:  # everything exact (the sketch spans the space)
         se = np.zeros_like(exact)
         hw = se
@@ -806,7 +809,7 @@ def _sketched_trace(op: L.SymmetricOperator, blocks: _Blocks | None, *, method: 
                     min_samples: int, block_size: int, level: float, gen: torch.Generator) -> dict[str, Any]:
     """Hutch++ (``method="hutchpp"``) or Hutchinson (``"hutchinson"``) with per-block traces.
 
-    Total: exactly the estimator and formula CI of :func:`linalg.hutchpp` / :func:`linalg.hutchinson`
+    Total: exactly the estimator and formula CI of :func:`trace_estimators.hutchpp` / :func:`trace_estimators.hutchinson`
     (same probe order; the sketch is applied in blocks of 8 columns to bound memory). Blocks: the
     deflated part is exact per block (:func:`_exact_parts`) and the residual ``P H P`` is estimated by
     ``g_b^T (P H P g)_b`` for the same Rademacher ``g`` as the total (``E[g g^T] = I``), so every block
@@ -823,7 +826,7 @@ def _sketched_trace(op: L.SymmetricOperator, blocks: _Blocks | None, *, method: 
     Q = None
     if k:
         with _user_errors():  # Y, and Q with the QR's workspace
-            L.require_memory((n, k), dtype, device, f"the Hutch++ sketch of {k:,} vectors",
+            memory.require_memory((n, k), dtype, device, f"the Hutch++ sketch of {k:,} vectors",
                              "lower --max-hvp (the sketch has max_hvp // 3 vectors) or use --trace-method hutchinson",
                              copies=3)
         Y = torch.empty((n, k), dtype=dtype, device=device)
@@ -873,7 +876,7 @@ def _deflated_hutchinson(op: L.SymmetricOperator, blocks: _Blocks | None, Q: Ten
     """``tr(Q^T H Q)`` exactly plus Rademacher probes of ``P H P`` (``P = I - Q Q^T``) until the CI target.
 
     ``spent`` HVPs count towards ``max_hvp`` already. The interval is the formula CI of
-    :func:`linalg.hutchpp` (the quadratic-form variance estimated from the probes and their images).
+    :func:`trace_estimators.hutchpp` (the quadratic-form variance estimated from the probes and their images).
     """
     n, dtype, device = op.n, op.dtype, op.device
     acc = _Accumulator(blocks) if blocks is not None else None
@@ -885,7 +888,7 @@ def _deflated_hutchinson(op: L.SymmetricOperator, blocks: _Blocks | None, Q: Ten
     tot: list[np.ndarray] = []
     rows_l: list[np.ndarray] = []
     rows_q: list[np.ndarray] = []
-    qv = L._QuadFormVariance(True)
+    qv = T._QuadFormVariance(True)
     est, se, lo, hi = exact, math.inf, -math.inf, math.inf
     converged = False
     done = 0
@@ -911,9 +914,9 @@ def _deflated_hutchinson(op: L.SymmetricOperator, blocks: _Blocks | None, Q: Ten
             done += b
             if done >= min_samples or spent >= max_hvp:
                 s = np.concatenate(tot)
-                est, se, lo, hi = L._ci(exact + float(s.mean()), qv.variance(), done, level)
+                est, se, lo, hi = T._ci(exact + float(s.mean()), qv.variance(), done, level)
                 if done >= min_samples and (rtol is not None or layer_rtol is not None):
-                    ok = rtol is None or L._met(est, lo, hi, rtol)
+                    ok = rtol is None or T._met(est, lo, hi, rtol)
                     if ok and layer_rtol is not None and acc is not None:
                         e_l, _, l_lo, l_hi = _student(exact_layers, np.concatenate(rows_l), level)
                         scale = np.maximum(np.abs(e_l), layer_floor * np.abs(e_l).sum())
@@ -1023,7 +1026,7 @@ def trace(obj: Any, method: str = "krylov", *, rtol: float | None = 0.01, max_hv
         if method == "xtrace":
             if layer_rtol is not None:
                 raise FlatlensError("layer_rtol needs per-layer traces; use method 'krylov', 'hutchpp' or 'hutchinson'")
-            r = L.xtrace(op, rtol=rtol, max_matvec=max_hvp, min_samples=min_samples, level=level, generator=gen)
+            r = T.xtrace(op, rtol=rtol, max_matvec=max_hvp, min_samples=min_samples, level=level, generator=gen)
             raw = {"estimate": r.estimate, "stderr": r.stderr, "ci_low": r.ci_low, "ci_high": r.ci_high,
                    "exact": 0.0, "sketch": r.sketch_size, "samples": _f64(r.samples), "converged": r.converged}
         elif method == "krylov":
@@ -1072,9 +1075,9 @@ def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequenc
 def _check_trace_args(rtol: Any, layer_rtol: Any, level: Any, min_samples: Any, block_size: Any,
                       layer_floor: Any) -> tuple[float | None, float | None, float, int, int, float]:
     """The stopping-rule arguments of :func:`trace` and :func:`spectrum`, checked."""
-    rtol = L._check_rtol(rtol)
+    rtol = T._check_rtol(rtol)
     if layer_rtol is not None:
-        layer_rtol = L._check_rtol(layer_rtol, "layer_rtol")
+        layer_rtol = T._check_rtol(layer_rtol, "layer_rtol")
     layer_floor = L._check_pos("layer_floor", layer_floor, "pass a fraction of the absolute trace such as 0.01",
                                allow_zero=True)
     return (rtol, layer_rtol, L._check_level(level), L._check_int("min_samples", min_samples, 2, "pass at least 2"),

@@ -51,7 +51,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .linalg import SymmetricOperator, _bytes, available_bytes
+from .linalg import SymmetricOperator
+from .memory import _bytes, available_bytes
 
 __all__ = [
     "LossFn",

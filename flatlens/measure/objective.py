@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from flatlens import distributed as D
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import HessianVectorProduct, check_kernel, make_loss_fn
-from flatlens.measure.linalg import _check_int, require_memory
+from flatlens.measure.linalg import _check_int
+from flatlens.measure.memory import require_memory
 from flatlens.measure.params import (
     ParamSpace, include_groups, inert_step_sizes, parameter_groups, select_parameters,
 )
@@ -374,7 +375,7 @@ class Objective:
         and of two samples are counted (a constant part plus a part per sample: eval mode makes the
         samples independent) and scaled to the largest batch."""
         from flatlens.measure.hvp import graph_bytes
-        from flatlens.measure.linalg import _bytes, available_bytes
+        from flatlens.measure.memory import _bytes, available_bytes
 
         avail = available_bytes(self.device)
         if avail is None:
