@@ -235,7 +235,12 @@ def test_a_rerun_with_the_same_settings_skips_what_the_file_holds(analysis, tiny
     assert "predicted cost" not in said and p.read_bytes() == out.read_bytes()  # nothing measured, nothing written
     assert said.split("\nsummary", 1)[1] == first.stdout.split("\nsummary", 1)[1]  # the stored rows, as printed
     a = fl.hessian.read(p)["attrs"]
-    assert json.loads(a["trace_options"])["options"]["max_hvp"] == 30 and json.loads(a["trace_options"])["step"] == joint
+    stored = json.loads(a["trace_options"])
+    assert stored["options"]["max_hvp"] == 30 and stored["step"] == "density+hessian+trace"
+    # the same measures named in another order share the same run: skipped too
+    capsys.readouterr()
+    assert main(["sharpness", ckpt, *ANALYSIS, "--measures", "density,trace,hessian", "--out", str(p)]) == 0
+    assert "[density+trace+hessian] already in" in capsys.readouterr().out
     # --recompute measures again: the same numbers (seeded; bitwise only at the fixture process' thread count)
     said = rerun("--recompute")
     assert f"[{joint}] predicted cost" in said and "skipped" not in said

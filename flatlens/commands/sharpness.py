@@ -75,7 +75,8 @@ def fingerprint(step, args: argparse.Namespace) -> str:
     from flatlens import __version__
 
     own = {d: getattr(args, d, None) for m in step.members for d in args.measure_options.get(m, [])}
-    return json.dumps({"flatlens_version": __version__, "step": step.label, "options": own}, sort_keys=True,
+    shared = "+".join(sorted(step.members))  # the measures sharing its work; --measures' order changes nothing
+    return json.dumps({"flatlens_version": __version__, "step": shared, "options": own}, sort_keys=True,
                       default=str)
 
 
