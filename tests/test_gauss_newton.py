@@ -127,6 +127,20 @@ def test_vmap_and_loop_give_the_same_diagonal_at_every_chunk_size(case):
     assert auto.n_backward == loop.n_backward
 
 
+def test_the_timed_per_sample_steps_wait_for_the_device(monkeypatch):
+    """``auto`` keeps the faster of vmap and loop by timing them, and ``predicted_seconds`` scales that time;
+    on a GPU the timer read right after the call measured the kernel launches (the work is queued). Each
+    timed step is now bracketed by a device synchronisation (recorded here on CPU, where it is a no-op)."""
+    obj = PL_CASES["bn_cnn_all"]()
+    synced: list[str] = []
+    monkeypatch.setattr(GN, "sync_device", lambda device: synced.append(torch.device(device).type))
+    GN.predicted_seconds(obj)
+    assert synced == ["cpu"] * 8  # 2 timed runs of each of the 2 forms, a wait before and after each
+    synced.clear()
+    GN.hessian_diagonal(obj, per_sample="loop")  # loop asked: timed twice (its ETA), then untimed
+    assert synced == ["cpu"] * 4
+
+
 def test_auto_falls_back_to_the_loop_where_vmap_cannot_batch_the_model():
     obj = Objective(_ItemNet().double().eval(), batches=_data(), include=("all",))
     H = dense_hessian(obj)

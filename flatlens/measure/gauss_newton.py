@@ -51,7 +51,7 @@ from torch import Tensor
 
 from flatlens import distributed as D
 from flatlens.errors import FlatlensError
-from flatlens.measure.hvp import make_forward_fn
+from flatlens.measure.hvp import make_forward_fn, sync_device
 from flatlens.seeding import check_seed, generator as seeded_generator
 
 __all__ = ["PiecewiseLinearCheck", "GaussNewtonDiagonal", "check_piecewise_linear", "hessian_diagonal",
@@ -305,6 +305,8 @@ class _Steps:
         while True:
             mode = self.trials[0] if self.trials else self.mode
             X = x[start:start + (self.size if mode == "vmap" else 1)]
+            if self.trials:  # timed: on a GPU, wait for the work queued before and inside the call
+                sync_device(X.device)
             t0 = time.perf_counter()
             try:
                 self.columns = (_vmap_squares(self.forward, self.params, X, self.part) if mode == "vmap"
@@ -318,6 +320,8 @@ class _Steps:
                 self.failed, self.mode = _first_line(err), "loop"
                 self.trials = [t for t in self.trials if t == "loop"]
                 continue
+            if self.trials:
+                sync_device(X.device)
             seconds = time.perf_counter() - t0
             self.vmapped |= mode == "vmap"
             self.columns_per_sample = max(1.0, self.columns / X.shape[0])

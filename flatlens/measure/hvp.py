@@ -608,7 +608,9 @@ class _SavedBytes:
         return t
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer read without this measures the
+    launches, not the work)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -681,10 +683,10 @@ def select_kernel(
     sel = KernelSelection(kernel="", repeats=repeats, block=block)
 
     def timed(call: Callable[[], Any]) -> float:
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         call()
-        _sync(device)
+        sync_device(device)
         return time.perf_counter() - t0
 
     def apply(eng: HessianVectorProduct) -> Tensor:
