@@ -368,8 +368,8 @@ def test_each_checkpoint_of_a_run_gets_its_own_default_file(tiny_run, tmp_path):
 
 def test_info_describes_an_analysis_file(analysis, tmp_path):
     """`flatlens info` read checkpoints only ("not a torch checkpoint" for analysis.h5); it now gives an
-    analysis file's provenance and each group's headline numbers (and JSON)."""
-    out, _ = analysis
+    analysis file's provenance, each group's headline numbers and the stored summary rows (and JSON)."""
+    out, first = analysis
     res = flatlens_cmd("info", str(out))
     assert res.returncode == 0, res.stderr
     r = fl.hessian.read(out)
@@ -380,6 +380,11 @@ def test_info_describes_an_analysis_file(analysis, tmp_path):
     assert f"trace           {float(r['trace']):.6g} (95% CI" in text
     js = json.loads(flatlens_cmd("info", str(out), "--json").stdout)
     assert js["attrs"]["checkpoint_sha256"] == r["attrs"]["checkpoint_sha256"] and "hessian" in js["groups"]
+    # the summary table the sharpness run printed, read back from the file, in the order it was printed
+    printed = [" ".join(line.split()) for line in first.stdout.split("\nsummary\n", 1)[1].strip().splitlines()]
+    shown = text.split("  summary ", 1)[1].split("\n  cost ", 1)[0].strip().splitlines()
+    assert [" ".join(line.split()) for line in shown] == printed
+    assert js["groups"]["hessian"]["summary"].count("\n") == len(printed) - 1
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = 1

@@ -94,7 +94,10 @@ def _analysis(path: Path, as_json: bool) -> int:
     for name, summary in groups.items():
         print(f"/{name}")
         for key, value in summary.items():
-            print(f"  {key:<15} {value}")
+            lines = str(value).split("\n")
+            print(f"  {key:<15} {lines[0]}")
+            for line in lines[1:]:
+                print(f"  {'':<15} {line}")
     return 0
 
 
@@ -104,6 +107,15 @@ def _fmt(values: Any, n: int = 6) -> str:
     a = np.atleast_1d(np.asarray(values, dtype=float))
     text = ", ".join(f"{v:.6g}" for v in a[:n])
     return f"[{text}{', ...' if a.size > n else ''}]" if a.size > 1 else text
+
+
+def _rows(stored: str) -> list[tuple[str, str, str]]:
+    """The summary rows a measure stored (JSON ``[[measure, label, value], ...]``); none when unreadable."""
+    try:
+        rows = json.loads(stored)
+    except ValueError:
+        return []
+    return [tuple(str(v) for v in r) for r in rows if isinstance(r, list) and len(r) == 3]
 
 
 def _group_summary(g: Any) -> dict[str, str]:
@@ -140,6 +152,13 @@ def _group_summary(g: Any) -> dict[str, str]:
         if done.any() and "loss" in g:
             loss = g["loss"][()]
             out["loss range"] = f"{_fmt(np.nanmin(loss))} .. {_fmt(np.nanmax(loss))}"
+    first = ("eigenvalue_summary", "trace_summary", "density_summary")  # in the order sharpness prints them
+    keys = sorted((k for k in a if k.endswith("_summary") and isinstance(a[k], str)),
+                  key=lambda k: (first.index(k) if k in first else len(first), k))
+    rows = [row for key in keys for row in _rows(a[key])]
+    if rows:  # what flatlens sharpness printed for each measure (stored with it)
+        w1, w2 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+        out["summary"] = "\n".join(f"{m:<{w1}}  {label:<{w2}}  {value}" for m, label, value in rows)
     if "n_hvp" in a or "seconds" in a or "cost_seconds" in a:
         hvps = f"{a['n_hvp']} HVPs, " if "n_hvp" in a else ""
         out["cost"] = f"{hvps}{float(a.get('seconds', a.get('cost_seconds', 0.0))):.1f} s"
