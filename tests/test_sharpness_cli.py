@@ -44,6 +44,10 @@ def test_cli_prints_cost_progress_summary_and_writes_the_schema(analysis, tiny_r
         assert label in summary, label
     # the joint step's rows are labelled by the measure they answer
     assert "  hessian  lambda_1" in summary and "  trace    trace cost" in summary and "  density  spectrum" in summary
+    # the cost rows say which HVPs were the density's, reused (a bare "0 HVPs" read as free)
+    rows = {k: v.strip() for k, v in (line.split(None, 1)[1].split("  ", 1) for line in summary.strip().splitlines()[1:])}
+    assert "HVPs (+ 5 of the density's, reused)" in rows["eigenvalue cost"]
+    assert rows["trace cost"].startswith("30 HVPs (+ 5 of the density's, reused)")
     assert "Traceback" not in res.stderr
     run = fl.load_checkpoint(tiny_run / "model.pt", data=False)
     with h5py.File(out, "r") as f:

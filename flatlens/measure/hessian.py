@@ -353,7 +353,8 @@ class EigenResult(_Stored):
             state = ("converged to the rounding floor 100 eps max|theta| of the model's dtype, which is above "
                      "tol: the HVPs cannot certify a smaller error (float64 can)")
         grad = f" + {self.n_grad} gradient" if self.n_grad else ""
-        rows.append(("eigenvalue cost", f"{self.n_hvp} HVPs{grad}, {self.seconds:.2f} s, tol {self.tol:g}, "
+        reused = f" (+ {self.shared_hvp} of the density's, reused)" if self.shared_hvp else ""
+        rows.append(("eigenvalue cost", f"{self.n_hvp} HVPs{reused}{grad}, {self.seconds:.2f} s, tol {self.tol:g}, "
                                         f"{self.start} start, {state}"))
         return rows
 
@@ -517,7 +518,8 @@ class TraceEstimate(_Stored):
                              "quantized layers"))
         extra = (f", {self.details['n_backward']} per-sample vector-Jacobian products ({self.details.get('per_sample')})"
                  if "n_backward" in self.details else "")
-        rows.append(("trace cost", f"{self.n_hvp} HVPs{extra}, {self.seconds:.2f} s, {self.method}"))
+        reused = f" (+ {self.shared_hvp} of the density's, reused)" if self.shared_hvp else ""
+        rows.append(("trace cost", f"{self.n_hvp} HVPs{reused}{extra}, {self.seconds:.2f} s, {self.method}"))
         return rows
 
 
