@@ -140,7 +140,7 @@ def _stored_rows(obj: Any, args: Any, out: Any, fingerprint: str, members: list[
     if store.differing_attrs(current, stored, SHARED_KEYS):
         return None
     rows: list[tuple[str, ...]] = []
-    for m in members:
+    for m in sorted(members, key=list(_COST_PREFIXES).index):  # the order a run prints its results in
         prefix = _COST_PREFIXES[m]
         if stored.get(f"{prefix}options") != fingerprint or f"{prefix}summary" not in stored:
             return None
