@@ -74,7 +74,8 @@ def fingerprint(step, args: argparse.Namespace) -> str:
 
     from flatlens import __version__
 
-    own = {d: getattr(args, d, None) for m in step.members for d in args.measure_options.get(m, [])}
+    dests = getattr(args, "measure_options", {})  # absent from a Namespace not built by this parser
+    own = {d: getattr(args, d, None) for m in step.members for d in dests.get(m, [])}
     shared = "+".join(sorted(step.members))  # the measures sharing its work; --measures' order changes nothing
     return json.dumps({"flatlens_version": __version__, "step": shared, "options": own}, sort_keys=True,
                       default=str)
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             name = step.label
             fp = fingerprint(step, args)
             stored = None
-            if step.completed is not None and not args.recompute:  # rank 0 reads the file, every rank skips
+            if step.completed is not None and not getattr(args, "recompute", False):  # rank 0 reads the file, every rank skips
                 stored = D.broadcast_object(ctx, step.completed(obj, args, out, fp) if ctx.is_main else None)
             if stored is not None:
                 say(f"[{name}] already in {out} with these settings and data; skipped (--recompute measures it again)")
