@@ -82,6 +82,23 @@ def test_cli_runs_the_measures_apart_with_no_shared_krylov(tiny_run, tmp_path):
     assert a["n_hvp"] == a["eigenvalue_n_hvp"] + 12 + 8 and a["measures"] == ["hessian", "trace", "density"]
 
 
+def test_a_budget_the_trace_may_stop_short_of_is_predicted_as_at_most(tiny_run, tmp_path, capsys):
+    """A trace with a CI target stops when it meets it: the README's run predicted "≈ 53.1 s" and took 16 s.
+    The cost line says "at most ... <=" for such a budget, and "≈" for one that is spent whole."""
+    ckpt = str(tiny_run / "model.pt")
+    assert main(["sharpness", ckpt, "--measures", "trace", *FAST, "--max-hvp", "12", "--out", str(tmp_path / "a.h5")]) == 0
+    said = capsys.readouterr().out
+    assert "[trace] predicted cost: at most 12 HVPs, 0 forward passes <= " in said
+    assert "(stops at ±0.01 relative (krylov))" in said
+    assert main(["sharpness", ckpt, "--measures", "trace", *FAST, "--max-hvp", "12", "--trace-rtol", "0",
+                 "--out", str(tmp_path / "b.h5")]) == 0
+    said = capsys.readouterr().out
+    assert "[trace] predicted cost: 12 HVPs, 0 forward passes ≈ " in said and "(a fixed budget (krylov))" in said
+    assert main(["sharpness", ckpt, "--measures", "hessian,trace,density", *FAST, "--max-hvp", "12",
+                 "--density-probes", "1", "--density-steps", "4", "--out", str(tmp_path / "c.h5")]) == 0
+    assert "[hessian+trace+density] predicted cost: at most 16 HVPs" in capsys.readouterr().out
+
+
 def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run, tmp_path, capsys):
     out, _ = analysis
     p = tmp_path / "copy.h5"

@@ -182,8 +182,9 @@ def run(args: argparse.Namespace) -> int:
             if est.n_vector or est.n_draw:  # timed only for a step with vector work (not a landscape)
                 t_pass, t_draw = _vector_seconds(obj)
                 eta += est.n_vector * t_pass + est.n_draw * t_draw
-            say(f"[{name}] predicted cost: {est.n_hvp} HVPs, {est.n_forward} forward passes"
-                + (f", {est.n_grad} gradients" if est.n_grad else "") + f" ≈ {_fmt_seconds(eta)}"
+            say(f"[{name}] predicted cost: {'at most ' if est.at_most else ''}{est.n_hvp} HVPs, {est.n_forward} "
+                "forward passes" + (f", {est.n_grad} gradients" if est.n_grad else "")
+                + f" {'<=' if est.at_most else '≈'} {_fmt_seconds(eta)}"
                 + (f" ({est.note})" if est.note else ""))
             before = dict(obj.costs())
             started = time.perf_counter()

@@ -212,7 +212,9 @@ def _register() -> None:
             return Estimate(seconds=predicted_seconds(obj, per_sample=args.gauss_newton_per_sample), note="exact Gauss-Newton diagonal: C-1 per-sample "
                             f"vector-Jacobian products for each of {obj.n_local} samples, timed on the first ones")
         return Estimate(n_hvp=args.max_hvp, n_vector=_trace_vector_passes(args, obj.space.numel), n_draw=args.max_hvp,
-                        note=f"at most; stops at ±{args.trace_rtol:g} relative ({args.trace_method})")
+                        at_most=bool(args.trace_rtol or args.layer_rtol),
+                        note=(f"stops at ±{args.trace_rtol:g} relative" if args.trace_rtol else "a fixed budget")
+                        + f" ({args.trace_method})")
 
     def run_trace(obj: Any, args: Any, ctx: Any):
         gn = args.trace_method == "gauss-newton"
@@ -276,7 +278,8 @@ def _register() -> None:
             n_vector += _trace_vector_passes(args, obj.space.numel, basis=args.density_steps)
         note = f"{dens} SLQ HVPs shared by {', '.join(members)}" + (
             f"; at most {extra} trace residual probes, stops at ±{args.trace_rtol:g}" if extra else "")
-        return Estimate(n_hvp=dens + extra, n_vector=n_vector, n_draw=args.density_probes + extra, note=note)
+        return Estimate(n_hvp=dens + extra, n_vector=n_vector, n_draw=args.density_probes + extra, note=note,
+                        at_most=bool(extra and (args.trace_rtol or args.layer_rtol)))
 
     def run_spectrum(obj: Any, args: Any, ctx: Any, members: list[str]):
         bar, prog = _cli_progress(ctx, est_spectrum(obj, args, members).n_hvp, "+".join(members))
