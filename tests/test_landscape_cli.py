@@ -159,6 +159,13 @@ def test_reachable_as_a_measure_of_flatlens_sharpness(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     with h5py.File(out, "r") as f:
         assert f["landscape/random_1d/loss"].shape == (5,) and f["landscape/random_1d/done"][()].all()
+    # a rerun resumes the stored grid (a second session, nothing left to compute); --recompute starts afresh
+    for extra, sessions in (([], 2), (["--recompute"], 1)):
+        r = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), "--measures", "landscape", "--landscape-range=-1:1:5",
+                         "--samples", "64", "--split", "target", *extra, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        with h5py.File(out, "r") as f:
+            assert int(f["landscape/random_1d"].attrs["sessions"]) == sessions, extra
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress-every", type=float, default=15.0,
                    help="seconds between progress lines when stderr is not a terminal (0: every step)")
     p.add_argument("--recompute", action="store_true",
-                   help="measure again what --out already holds with the same settings (by default a rerun skips it)")
+                   help="measure again what --out already holds with the same settings (by default a rerun skips it; "
+                        "a landscape resumes its missing points, and with this starts afresh, as --landscape-overwrite)")
     options: dict[str, list[str]] = {}
     for m in measures.values():
         group = _OptionRecorder(p.add_argument_group(f"{m.name}: {m.help}"))

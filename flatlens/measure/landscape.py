@@ -707,7 +707,8 @@ def _register() -> None:
                            repeat=args.landscape_repeat, orthogonalize=args.landscape_orthogonalize,
                            to=args.landscape_to, plane=args.landscape_plane, pca=args.landscape_pca,
                            bn_stats=args.landscape_bn_stats, restrict=obj.space.names if custom else None,
-                           out=ctx.out, name=args.landscape_name, overwrite=args.landscape_overwrite,
+                           out=ctx.out, name=args.landscape_name,
+                           overwrite=args.landscape_overwrite or getattr(args, "recompute", False),
                            block_size=args.landscape_block, log=ctx.log, progress=ctx.progress)
         return MeasureOutput(group=surf.group, datasets={}, attrs={}, summary=surf.summary(), written=True)
 
