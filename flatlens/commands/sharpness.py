@@ -243,6 +243,7 @@ def _vector_seconds(obj) -> tuple[float, float]:
     import torch
 
     from flatlens.measure import linalg as L
+    from flatlens.measure.hvp import sync_device
 
     n = obj.space.numel
     dtype = obj.space.params[0].dtype
@@ -258,8 +259,7 @@ def _vector_seconds(obj) -> tuple[float, float]:
         for _ in range(2):  # the first pays the pages' first touch
             t0 = time.perf_counter()
             fn()
-            if obj.device.type == "cuda":
-                torch.cuda.synchronize(obj.device)
+            sync_device(obj.device)
             best = min(best, time.perf_counter() - t0)
         return best
 

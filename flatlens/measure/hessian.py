@@ -239,6 +239,10 @@ class _Stored:
         attrs["measure"] = GROUP
         return attrs
 
+    def _reused(self) -> str:
+        """For a summary's cost row: the density's HVPs this result reused (a bare "0 HVPs" read as free)."""
+        return f" (+ {self.shared_hvp} of the density's, reused)" if self.shared_hvp else ""
+
     def _costs(self, prefix: str) -> dict[str, Any]:
         return {f"{prefix}n_hvp": int(self.n_hvp), f"{prefix}seconds": float(self.seconds),
                 f"{prefix}seed": int(self.seed), f"{prefix}hvp_kernel": str(self.provenance.get("hvp_kernel", "")),
@@ -353,8 +357,7 @@ class EigenResult(_Stored):
             state = ("converged to the rounding floor 100 eps max|theta| of the model's dtype, which is above "
                      "tol: the HVPs cannot certify a smaller error (float64 can)")
         grad = f" + {self.n_grad} gradient" if self.n_grad else ""
-        reused = f" (+ {self.shared_hvp} of the density's, reused)" if self.shared_hvp else ""
-        rows.append(("eigenvalue cost", f"{self.n_hvp} HVPs{reused}{grad}, {self.seconds:.2f} s, tol {self.tol:g}, "
+        rows.append(("eigenvalue cost", f"{self.n_hvp} HVPs{self._reused()}{grad}, {self.seconds:.2f} s, tol {self.tol:g}, "
                                         f"{self.start} start, {state}"))
         return rows
 
@@ -518,8 +521,7 @@ class TraceEstimate(_Stored):
                              "quantized layers"))
         extra = (f", {self.details['n_backward']} per-sample vector-Jacobian products ({self.details.get('per_sample')})"
                  if "n_backward" in self.details else "")
-        reused = f" (+ {self.shared_hvp} of the density's, reused)" if self.shared_hvp else ""
-        rows.append(("trace cost", f"{self.n_hvp} HVPs{reused}{extra}, {self.seconds:.2f} s, {self.method}"))
+        rows.append(("trace cost", f"{self.n_hvp} HVPs{self._reused()}{extra}, {self.seconds:.2f} s, {self.method}"))
         return rows
 
 
