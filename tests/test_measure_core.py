@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -35,6 +36,73 @@ def test_parameter_groups_and_selection():
         select_parameters(net, select="nothing")
     with pytest.raises(FlatlensError, match="unknown parameter group"):
         select_parameters(net, ("filters",))
+
+
+class _MixedLayers(nn.Module):
+    """Attention, a GRU, a transposed convolution, a position embedding and a PReLU slope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Linear(3, 4)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 2, 4))
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.rnn = nn.GRU(4, 3, batch_first=True)
+        self.up = nn.ConvTranspose1d(3, 2, 2)
+        self.act = nn.PReLU()
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = self.emb(x.view(-1, 2, 3)) + self.pos
+        h, _ = self.rnn(h + self.att(h, h, h, need_weights=False)[0])
+        return self.head(self.act(self.up(h.transpose(1, 2)).mean(2)))
+
+
+def test_weights_cover_attention_recurrent_and_transposed_layers_and_the_rest_is_named():
+    """``weights`` was the weight of Conv/Linear modules only: a ViT's Q/K/V projections (the
+    ``in_proj_weight`` of nn.MultiheadAttention), every matrix of an LSTM/GRU and a ConvTranspose's
+    kernel were left out of every default measure, without a word."""
+    from flatlens.measure.directions import landscape_parameters
+
+    net = _MixedLayers().double().eval()
+    g = parameter_groups(net)
+    assert g["weights"] == ["emb.weight", "att.in_proj_weight", "att.out_proj.weight", "rnn.weight_ih_l0",
+                            "rnn.weight_hh_l0", "up.weight", "head.weight"]
+    assert g["biases"] == ["emb.bias", "att.in_proj_bias", "att.out_proj.bias", "rnn.bias_ih_l0", "rnn.bias_hh_l0",
+                           "up.bias", "head.bias"]
+    assert g["other"] == ["pos", "act.weight"] and len(g["all"]) == 16
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 6, generator=gen, dtype=torch.float64), torch.arange(5) % 3)]
+    with pytest.warns(UserWarning, match=r"2 trainable tensor\(s\) belong to no layer group and are not measured: "
+                                         r"pos, act.weight; include them with include='weights,other'"):
+        obj = Objective(net, batches=batches, kernel="double_backward")
+    assert obj.space.names == g["weights"] and obj.left_out == ["pos", "act.weight"]
+    for kwargs in ({"include": "weights,other"}, {"include": "all"}, {"select": "att"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert Objective(net, batches=batches, **kwargs).left_out == []
+    # the HVP through attention, the GRU and the transposed convolution against the dense Hessian
+    names, x, y = obj.space.names, *batches[0]
+    base = {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    def f(flat):
+        params = dict(base, **dict(zip(names, obj.space.unflatten(flat))))
+        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+        H = torch.autograd.functional.hessian(f, obj.space.origin_vector())
+    v = torch.randn(H.shape[0], generator=gen, dtype=torch.float64)
+    for kernel in ("graph_reuse", "double_backward", "forward_over_reverse"):
+        o = Objective(net, batches=batches, kernel=kernel, include="weights,other", exclude="pos|act")
+        assert torch.allclose(o.hvp(v), H @ v, atol=1e-10), kernel
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    assert fl.hessian.eigenvalues(obj, k=1, tol=1e-6).values[0] == pytest.approx(top, rel=1e-5)
+    # random directions move what the Objective moves: group `other` only where the selection holds it
+    assert landscape_parameters(net) == g["weights"]
+    assert landscape_parameters(net, restrict=select_parameters(net, ("weights", "other"))) == \
+        [n for n in g["all"] if n in g["weights"] + g["other"]]
 
 
 def test_quantizer_step_sizes_are_their_own_group():

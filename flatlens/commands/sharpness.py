@@ -92,7 +92,7 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantized models: latent weights through the quantizers (straight-through), a float "
                         "copy of the quantized weights, or the step sizes")
     g.add_argument("--include", default="weights",
-                   help="parameter groups: comma-separated of weights, biases, norm, scales, all")
+                   help="parameter groups: comma-separated of weights, biases, norm, scales, other, all")
     g.add_argument("--params", default=None, help="regular expression on parameter names (overrides --include)")
     g.add_argument("--exclude", default=None, help="regular expression of parameter names to leave out")
     g.add_argument("--seed", type=seed_arg, default=0, help="base seed of the sample subset and of every random draw")

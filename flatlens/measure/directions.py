@@ -95,12 +95,13 @@ def landscape_parameters(model: nn.Module, ignore: str = "biasbn", kind: str = "
                          restrict: Sequence[str] | None = None) -> list[str]:
     """Names of the parameters a surface moves, after the ``ignore`` policy.
 
-    The candidates are the Conv/Linear weights, their biases and the norm layers' affine parameters
-    (random and PCA directions), or every trainable parameter including quantizer step sizes
-    (interpolation and plane: so that the far end is exactly the other checkpoint); ``space="scales"``
-    moves only step sizes. ``ignore`` is a comma-separated list of ``none``, ``biasbn`` (= ``bias`` +
-    ``norm``), ``bias``, ``norm``, ``scales``, or regular expressions on parameter names. ``restrict``
-    (optional) keeps only these names (an Objective's own selection).
+    The candidates are the layers' weights, their biases and the norm layers' affine parameters (random
+    and PCA directions; parameters of group ``other`` only when ``restrict`` names them, i.e. when the
+    Objective's selection includes them, as the Objective warns), or every trainable parameter
+    including quantizer step sizes (interpolation and plane: so that the far end is exactly the other
+    checkpoint); ``space="scales"`` moves only step sizes. ``ignore`` is a comma-separated list of
+    ``none``, ``biasbn`` (= ``bias`` + ``norm``), ``bias``, ``norm``, ``scales``, or regular expressions
+    on parameter names. ``restrict`` (optional) keeps only these names (an Objective's own selection).
     """
     groups = parameter_groups(model)
     if space == "scales":
@@ -108,7 +109,9 @@ def landscape_parameters(model: nn.Module, ignore: str = "biasbn", kind: str = "
     elif kind in ("interpolation", "plane"):
         base = list(groups["all"])
     else:
-        base = [n for n in groups["all"] if n in set(groups["weights"]) | set(groups["biases"]) | set(groups["norm"])]
+        chosen = set(groups["weights"]) | set(groups["biases"]) | set(groups["norm"])
+        chosen |= set(groups["other"]) & set(restrict or ())
+        base = [n for n in groups["all"] if n in chosen]
     drop: set[str] = set()
     for token in [t.strip() for t in str(ignore).split(",") if t.strip()]:
         if token == "none":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -33,7 +34,7 @@ from flatlens.measure.hvp import HessianVectorProduct, check_kernel, make_loss_f
 from flatlens.measure.linalg import _check_int
 from flatlens.measure.memory import require_memory
 from flatlens.measure.params import (
-    ParamSpace, include_groups, inert_step_sizes, parameter_groups, select_parameters,
+    ParamSpace, include_groups, inert_step_sizes, left_out_of_groups, parameter_groups, select_parameters,
 )
 from flatlens.seeding import check_seed, generator
 
@@ -145,8 +146,10 @@ class Objective:
         split: which samples (``train``, ``source-val``, ``target`` or ``env{i}_{in,out}``).
         samples: use a seeded random subset of this many samples (all when None).
         space: ``latent`` | ``dequant`` | ``scales`` (see :mod:`flatlens.measure.params`).
-        include / select / exclude: the parameter selection (default: conv/linear weights; ``scales``
-            space defaults to the quantizers' step sizes).
+        include / select / exclude: the parameter selection (default: the layers' weight matrices, see
+            :mod:`flatlens.measure.params`; ``scales`` space defaults to the quantizers' step sizes).
+            Trainable tensors of group ``other`` that a group selection leaves out are listed in
+            ``left_out``, with a warning.
         seed: seeds the sample subset (and is recorded; measures take their own seeds).
         batch_size: evaluation batch size (changes float summation order only).
         batches: explicit ``[(x, y), ...]`` when ``source`` is a module.
@@ -201,6 +204,13 @@ class Objective:
         self.space = ParamSpace(self.model, _live_parameters(self.model, select_parameters(self.model, include, select,
                                                                                          exclude), space), space)
         self.selection = {"include": list(include), "select": select or "", "exclude": exclude or ""}
+        self.left_out = [] if select or space == "scales" or "other" in include or "all" in include else \
+            left_out_of_groups(self.model, self.space.names)
+        if self.left_out and self.ctx.rank == 0:
+            warnings.warn(f"{len(self.left_out)} trainable tensor(s) belong to no layer group and are not measured: "
+                          + ", ".join(self.left_out[:4]) + (" ..." if len(self.left_out) > 4 else "")
+                          + "; include them with include='" + ",".join((*include, "other"))
+                          + "' (--include), or name them with select= (--params)", stacklevel=2)
         self.split = split
         self.seed = seed_value
         self.batch_size = batch_size

@@ -5,11 +5,14 @@ parameters. A :class:`ParamSpace` names that subset (by parameter name), holds t
 bit-exact copy of their values at creation (the *origin*), moves them in place with ``torch._foreach``
 ops (no state-dict loads per point), and restores them exactly.
 
-Selection (``include``): ``weights`` (the ``weight`` of every Conv/Linear layer, quantized ones
-included: the default, as in Li et al. and SWAD-with-exclusions), ``biases`` (their biases),
-``norm`` (affine parameters of BatchNorm/GroupNorm/LayerNorm), ``scales`` (LSQ step sizes), ``all``
-(every trainable parameter); or ``select`` = a regular expression on parameter names, optionally
-with ``exclude`` = another one.
+Selection (``include``): ``weights`` (the weight matrices of the layers that multiply their input by
+them: Conv and ConvTranspose 1-3d, Linear, Bilinear, the projections of MultiheadAttention and the
+input and hidden matrices of RNN/LSTM/GRU layers and cells; quantized ones included: the default, as
+in Li et al. and SWAD-with-exclusions), ``biases`` (their biases), ``norm`` (affine parameters of
+BatchNorm/GroupNorm/LayerNorm/InstanceNorm), ``scales`` (LSQ step sizes), ``other`` (trainable
+parameters in none of these: embedding tables, position embeddings, PReLU slopes, parameters a custom
+module owns directly), ``all`` (every trainable parameter); or ``select`` = a regular expression on
+parameter names, optionally with ``exclude`` = another one.
 
 Spaces for quantized models (recorded with every result):
 
@@ -36,8 +39,11 @@ from torch import Tensor, nn
 from flatlens.errors import FlatlensError
 
 SPACES = ("latent", "dequant", "scales")
-GROUPS = ("weights", "biases", "norm", "scales", "all")
-_LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+GROUPS = ("weights", "biases", "norm", "scales", "other", "all")
+_LINEAR_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)  # _ConvNd: Conv and ConvTranspose 1-3d
+_RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)  # weight_ih_l0, weight_hh_l0 (weight_hr_l0), bias_ih_l0, ...
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_ATTENTION_BIASES = ("in_proj_bias", "bias_k", "bias_v")  # out_proj is a Linear child: classified as such
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -77,13 +83,37 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
             continue
         groups["all"].append(name)
         module, pname = owner[name]
-        if name in qnames:
-            groups["scales"].append(name)
-        elif isinstance(module, _LINEAR_TYPES):
-            groups["weights" if pname == "weight" else "biases"].append(name)
-        elif isinstance(module, _NORM_TYPES):
-            groups["norm"].append(name)
+        groups["scales" if name in qnames else _group_of(module, pname)].append(name)
     return groups
+
+
+def _group_of(module: nn.Module, pname: str) -> str:
+    """The selection group of parameter ``pname`` owned directly by ``module`` (step sizes aside).
+
+    Before the recurrent and attention layers were classified, ``weights`` left out the Q/K/V
+    projections of every ``nn.MultiheadAttention`` (a torchvision ViT's) and all of an LSTM's matrices,
+    and nothing said so.
+    """
+    if isinstance(module, _LINEAR_TYPES):
+        return {"weight": "weights", "bias": "biases"}.get(pname, "other")
+    if isinstance(module, _RECURRENT_TYPES):
+        return "weights" if pname.startswith("weight_") else "biases" if pname.startswith("bias_") else "other"
+    if isinstance(module, nn.MultiheadAttention):
+        return "weights" if pname in _ATTENTION_WEIGHTS else "biases" if pname in _ATTENTION_BIASES else "other"
+    if isinstance(module, _NORM_TYPES):
+        return "norm"
+    return "other"
+
+
+def left_out_of_groups(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Trainable parameters of group ``other`` that a group selection ``names`` does not hold.
+
+    ``weights`` (the default) is a rule on layer types; a model with an embedding table, a position
+    embedding or a parameter its own module owns directly has trainable tensors no such rule names, and
+    a measure of "the weights" that silently leaves them out is easy to misread.
+    """
+    chosen = set(names)
+    return [n for n in parameter_groups(model)["other"] if n not in chosen]
 
 
 def include_groups(include: str | Sequence[str]) -> tuple[str, ...]:
