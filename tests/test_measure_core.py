@@ -105,6 +105,51 @@ def test_weights_cover_attention_recurrent_and_transposed_layers_and_the_rest_is
         [n for n in g["all"] if n in g["weights"] + g["other"]]
 
 
+def test_weight_norm_and_spectral_norm_weights_are_weights_with_a_right_hessian():
+    """``parametrizations.weight_norm`` / ``spectral_norm`` move a layer's weight into
+    ``parametrizations.weight.original*``, which ``weights`` did not hold: the default selection of such
+    a model was empty, an error. The old ``weight_norm``'s ``weight_g``/``weight_v`` were 'biases'.
+    And PyTorch's double backward of ``torch._weight_norm`` is wrong (an asymmetric Hessian, 0.4 off):
+    the ground truth here is central differences of the (right) gradient."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    net = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 3)), nn.Tanh(),
+                        parametrizations.spectral_norm(nn.Linear(3, 3))).double().eval()
+    g = parameter_groups(net)
+    assert g["weights"] == ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1",
+                            "2.parametrizations.weight.original"] and g["biases"] == ["0.bias", "2.bias"]
+    assert g["other"] == []
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 4, generator=gen, dtype=torch.float64), torch.arange(7) % 3
+    obj = Objective(net, batches=[(x, y)])
+    names = obj.space.names
+    base = {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    def f(flat):
+        params = dict(base, **dict(zip(names, obj.space.unflatten(flat))))
+        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+    w, grad = obj.space.origin_vector(), torch.func.grad(f)
+    H = torch.stack([(grad(w + 1e-5 * e) - grad(w - 1e-5 * e)) / 2e-5 for e in torch.eye(len(w), dtype=w.dtype)])
+    assert torch.allclose(H, H.T, atol=1e-8)
+    v = torch.randn(len(w), generator=gen, dtype=torch.float64)
+    for kernel in ("graph_reuse", "double_backward", "forward_over_reverse"):
+        assert torch.allclose(Objective(net, batches=[(x, y)], kernel=kernel).hvp(v), H @ v, atol=1e-8), kernel
+    eig = fl.hessian.eigenvalues(obj, k=2, tol=1e-6)
+    assert np.allclose(eig.values, torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        old = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 3))).double().eval()
+    assert parameter_groups(old)["weights"] == ["0.weight_g", "0.weight_v"]
+    obj = Objective(old, batches=[(x, y)], kernel="double_backward")
+    base = {n: p.detach().clone() for n, p in old.named_parameters()}
+    w, v = obj.space.origin_vector(), torch.randn(15, generator=gen, dtype=torch.float64)
+    grad = torch.func.grad(lambda t: nn.functional.cross_entropy(torch.func.functional_call(
+        old, dict(base, **dict(zip(obj.space.names, obj.space.unflatten(t)))), (x,)), y))
+    assert torch.allclose(obj.hvp(v), (grad(w + 1e-6 * v) - grad(w - 1e-6 * v)) / 2e-6, atol=1e-8)
+
+
 def test_quantizer_step_sizes_are_their_own_group():
     from flatlens.quant import attach_quantizers
 

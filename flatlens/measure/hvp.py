@@ -106,20 +106,18 @@ def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callab
     (:mod:`flatlens.measure.gauss_newton`) both go through it, so it is also where LSQ quantizers run
     without their step-size gradient scale (:func:`flatlens.quant.gradient_scale_off`): every derivative
     in a step size, in every measure, is the loss's own, not LSQ's ``g``-preconditioned one. It is also
-    where attention runs on PyTorch's ``math`` kernel of ``scaled_dot_product_attention``: the fused
-    kernels it would pick otherwise (flash, memory-efficient; ``nn.MultiheadAttention(...,
-    need_weights=False)`` as in torchvision's ViT) have no derivative of their backward, so every HVP
-    of such a model failed with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
-    is not implemented". The math kernel computes the same function with ops that differentiate twice.
+    where the ops whose second derivatives PyTorch gets wrong or lacks (fused attention, weight
+    normalisation) are routed through formulas that differentiate twice
+    (:func:`flatlens.measure.twice.twice_differentiable`).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    from flatlens.measure.twice import twice_differentiable, uses_weight_norm
     from flatlens.quant.lsq import gradient_scale_off
 
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}; pass a torch.nn.Module.")
     param_names = [name for name, _ in model.named_parameters()]
     buffer_names = [name for name, _ in model.named_buffers()]
+    weight_norm = uses_weight_norm(model)
 
     def forward(params: Mapping[str, Tensor], inputs: tuple) -> Any:
         training = [name for name, m in model.named_modules() if m.training]
@@ -136,8 +134,8 @@ def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callab
         merged.update(params)
         if allow_training and training:
             merged.update({name: b.clone() for name, b in model.named_buffers() if name in buffer_names})
-        # step-size derivatives of the loss, not LSQ's g-scaled ones; attention that differentiates twice
-        with gradient_scale_off(model), sdpa_kernel(SDPBackend.MATH):
+        # step-size derivatives of the loss, not LSQ's g-scaled ones; right second derivatives
+        with gradient_scale_off(model), twice_differentiable(weight_norm):
             return torch.func.functional_call(model, merged, inputs)
 
     return forward

@@ -75,9 +75,11 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     qnames = _quantizer_param_names(model)
     groups: dict[str, list[str]] = {g: [] for g in GROUPS}
     owner = {}
-    for mname, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for mname, module in modules.items():
+        role = _parametrized_tensor(mname, module, modules)
         for pname, _ in module.named_parameters(recurse=False):
-            owner[f"{mname}.{pname}" if mname else pname] = (module, pname)
+            owner[f"{mname}.{pname}" if mname else pname] = role or (module, pname)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -85,6 +87,20 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
         module, pname = owner[name]
         groups["scales" if name in qnames else _group_of(module, pname)].append(name)
     return groups
+
+
+def _parametrized_tensor(mname: str, module: nn.Module, modules: dict[str, nn.Module]) -> tuple[nn.Module, str] | None:
+    """``(layer, "weight")`` for the ``ParametrizationList`` at ``layer.parametrizations.weight``.
+
+    ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` move a layer's weight into
+    ``parametrizations.weight.original*``: those tensors are the layer's weight, classified as such.
+    """
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    parts = mname.split(".")
+    if not isinstance(module, ParametrizationList) or len(parts) < 2 or parts[-2] != "parametrizations":
+        return None
+    return modules[".".join(parts[:-2])], parts[-1]
 
 
 def _group_of(module: nn.Module, pname: str) -> str:
@@ -95,7 +111,8 @@ def _group_of(module: nn.Module, pname: str) -> str:
     and nothing said so.
     """
     if isinstance(module, _LINEAR_TYPES):
-        return {"weight": "weights", "bias": "biases"}.get(pname, "other")
+        # weight_g / weight_v of the old torch.nn.utils.weight_norm, weight_orig of the old spectral_norm
+        return "weights" if pname.startswith("weight") else "biases" if pname.startswith("bias") else "other"
     if isinstance(module, _RECURRENT_TYPES):
         return "weights" if pname.startswith("weight_") else "biases" if pname.startswith("bias_") else "other"
     if isinstance(module, nn.MultiheadAttention):

@@ -1,0 +1,65 @@
+"""Forward passes whose second derivatives are right: the ops where PyTorch's are wrong or missing.
+
+Every gradient and HVP flatlens takes runs the model inside :func:`twice_differentiable` (through
+:func:`flatlens.measure.hvp.make_forward_fn`). Two kinds of op need it:
+
+* **Fused attention.** ``scaled_dot_product_attention`` picks a fused kernel (flash, memory-efficient)
+  wherever it can; ``nn.MultiheadAttention(..., need_weights=False)``, as in torchvision's ViT, always
+  gets one. Those kernels have no derivative of their backward, so every HVP failed with "derivative
+  for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented". Inside the
+  context attention runs on PyTorch's ``math`` kernel: the same function, from ops that differentiate
+  twice.
+* **Weight normalisation.** ``torch.nn.utils.parametrizations.weight_norm`` (and the older
+  ``torch.nn.utils.weight_norm``) compute the weight with ``torch._weight_norm``, whose fused kernel's
+  double backward is wrong (torch 2.14, CPU): the Hessian it gives is not even symmetric (0.35 off
+  on a 3x4 layer, where finite differences of gradients agree with the composite formula to 1e-10),
+  while the gradient is right, so nothing fails. Inside the context, for models that hold such a
+  layer, ``torch._weight_norm(v, g, dim)`` is computed as ``v * (g / norm_except_dim(v, 2, dim))``,
+  the formula ATen itself falls back to, whose derivatives are those of plain ops.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+
+class _CompositeWeightNorm(TorchFunctionMode):
+    """Routes ``torch._weight_norm`` through its composite formula (see the module docstring)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = rest[0] if rest else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
+
+
+def uses_weight_norm(model: nn.Module) -> bool:
+    """Whether a module of ``model`` computes a weight with ``torch._weight_norm`` (either API)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for module in model.modules():
+        if isinstance(module, _WeightNorm):
+            return True
+        if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
+            return True
+    return False
+
+
+@contextmanager
+def twice_differentiable(weight_norm: bool) -> Iterator[None]:
+    """Attention on the ``math`` kernel and, with ``weight_norm`` (:func:`uses_weight_norm` of the
+    model, decided once: the mode costs a Python call per op), the composite weight normalisation."""
+    with ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if weight_norm:
+            stack.enter_context(_CompositeWeightNorm())
+        yield
