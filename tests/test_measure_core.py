@@ -150,6 +150,29 @@ def test_weight_norm_and_spectral_norm_weights_are_weights_with_a_right_hessian(
     assert torch.allclose(obj.hvp(v), (grad(w + 1e-6 * v) - grad(w - 1e-6 * v)) / 2e-6, atol=1e-8)
 
 
+def test_an_op_without_a_second_derivative_is_one_line_naming_the_way_out():
+    """nn.EmbeddingBag's backward has no derivative: every kernel failed with a NotImplementedError (an
+    explicit kernel) or a ValueError (auto) traceback from deep inside autograd."""
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag, self.head = nn.EmbeddingBag(10, 4, mode="mean"), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.bag((x.abs() * 3).long().clamp(max=9)))
+
+    torch.manual_seed(0)
+    net = Bag().eval()
+    batches = [(torch.randn(5, 6, generator=torch.Generator().manual_seed(0)), torch.arange(5) % 3)]
+    with pytest.raises(FlatlensError, match=r"the model uses an op PyTorch cannot differentiate twice \(the "
+                                            r"derivative for '_embedding_bag_backward' is not implemented.\); "
+                                            r"replace that op .* \(--exclude / --params\)$"):
+        fl.hessian.eigenvalues(Objective(net, batches=batches, include="all", kernel="double_backward"))
+    with pytest.raises(FlatlensError, match=r"^no HVP kernel works for this model \(graph_reuse: NotImplementedError"):
+        fl.hessian.trace(Objective(net, batches=batches, include="all"))
+    assert fl.hessian.eigenvalues(Objective(net, batches=batches, include="all", exclude="bag")).values[0] > 0
+
+
 def test_quantizer_step_sizes_are_their_own_group():
     from flatlens.quant import attach_quantizers
 

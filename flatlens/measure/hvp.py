@@ -761,6 +761,7 @@ def select_kernel(
             sel.ratio[name] = sel.seconds[name] / sel.gradient_seconds if sel.gradient_seconds > 0 else math.nan
     if not sel.seconds:
         detail = "; ".join(f"{k}: {v}" for k, v in sel.errors.items())
-        raise ValueError(f"no HVP kernel works for this model ({detail}); fix the model or its ops.")
+        raise ValueError(f"no HVP kernel works for this model ({detail}); replace the failing op in the model, or "
+                         "leave the parameters it depends on out of the selection (--exclude / --params)")
     sel.kernel = min(sel.seconds, key=sel.seconds.__getitem__)
     return sel

@@ -137,6 +137,10 @@ def _quantization_on(model: nn.Module) -> bool:
     return bool(is_quantization_enabled(model))
 
 
+_NO_SECOND_DERIVATIVE = ("the model uses an op PyTorch cannot differentiate twice ({}); replace that op in the "
+                         "model, or leave the parameters it depends on out of the selection (--exclude / --params)")
+
+
 class Objective:
     """Model + cached evaluation batches + cross-entropy + parameter space.
 
@@ -294,6 +298,21 @@ class Objective:
         return t.cpu()
 
     @contextmanager
+    def _second_order(self) -> Iterator[None]:
+        """Eval mode (:meth:`_eval`), and PyTorch's refusal of a derivative it lacks (``the derivative for
+        '_embedding_bag_backward' is not implemented``, raised as NotImplementedError from deep inside
+        autograd by every kernel) as one line that names the way out."""
+        with self._eval():
+            try:
+                yield
+            except NotImplementedError as exc:
+                raise FlatlensError(_NO_SECOND_DERIVATIVE.format(str(exc).splitlines()[0])) from None
+            except ValueError as exc:  # select_kernel: every kernel failed, each for its reason
+                if "no HVP kernel works" not in str(exc):
+                    raise
+                raise FlatlensError(str(exc).splitlines()[0]) from None
+
+    @contextmanager
     def _eval(self) -> Iterator[None]:
         """Eval mode for the duration of a call; the caller's training flags come back afterwards.
 
@@ -365,7 +384,7 @@ class Objective:
         0's choice is broadcast so every rank runs the same kernel.
         """
         if self._hvp is None:
-            with self._eval():
+            with self._second_order():
                 params = dict(zip(self.space.names, self.space.params))
                 loss_fn = make_loss_fn(self.model)
                 self._check_batch_memory(loss_fn, params)
@@ -438,7 +457,7 @@ class Objective:
         built on, so it costs nothing extra (``False``); other kernels spend one forward+backward
         (``True``, counted in ``n_grad``). Used to start Lanczos from the gradient direction.
         """
-        with self._eval():
+        with self._second_order():
             eng = self.hvp_engine
             spent = eng.kernel != "graph_reuse"
             out = self._global(eng.gradient())
@@ -447,14 +466,14 @@ class Objective:
 
     def hvp(self, v: Tensor) -> Tensor:
         """Flat ``H v`` (H = Hessian of the mean loss w.r.t. the space's parameters)."""
-        with self._eval():
+        with self._second_order():
             out = _finite(self._global(self.hvp_engine.hvp(v)))
         self.n_hvp += 1
         return out
 
     def hvp_block(self, V: Tensor) -> Tensor:
         """``H V`` for an ``n x b`` block (one pass over the data for all columns)."""
-        with self._eval():
+        with self._second_order():
             out = _finite(self._global(self.hvp_engine.hvp_batched(V)))
         self.n_hvp += V.shape[1]
         return out
