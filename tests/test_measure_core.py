@@ -240,6 +240,34 @@ def test_bad_explicit_batches_are_one_line_errors():
         Objective(net, batches=[(x[:0], y[:0])])
 
 
+def test_a_data_loader_or_generator_and_int32_labels_are_taken_as_batches(monkeypatch):
+    """A notebook's DataLoader (or a generator) passed as batches= was refused ("pass a list of pairs"),
+    and int32 labels passed the check, then failed inside cross_entropy ("expected target dtype to be
+    Long or Byte, but got Int")."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import flatlens.measure.objective as O
+
+    net = _bn_net().eval()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 1, 6, 6, generator=gen), torch.arange(10) % 5
+    pairs = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    want = fl.hessian.eigenvalues(Objective(net, batches=pairs), seed=1).values
+    for batches in (DataLoader(TensorDataset(x, y), batch_size=4), (b for b in pairs),
+                    [(b, t.int()) for b, t in pairs], [(b, t.to(torch.uint8)) for b, t in pairs]):
+        obj = Objective(net, batches=batches)
+        assert obj.n_samples == 10 and all(t.dtype == torch.int64 for _, t in obj.batches)
+        assert torch.equal(fl.hessian.eigenvalues(obj, seed=1).values, want)
+    for batches in (x, {"x": x, "y": y}, 3):
+        with pytest.raises(FlatlensError, match=r"^batches= got a (Tensor|dict|int); pass \[\(x, y\), \.\.\.\]"):
+            Objective(net, batches=batches)
+    monkeypatch.setattr(O, "available_bytes", lambda device: 3 * 4 * 36 * 4)  # room for 3 batches of 4 inputs
+    with pytest.raises(FlatlensError, match=r"the first 3 batches of the iterable passed as batches= already take "
+                                            r".* pass a subset, e.g. itertools.islice\(loader, 8\)$"):
+        Objective(net, batches=DataLoader(TensorDataset(x.repeat(9, 1, 1, 1), y.repeat(9)), batch_size=4))
+    assert Objective(net, batches=pairs * 9).n_samples == 90  # a list is already in memory: nothing to refuse
+
+
 def test_a_batch_norm_without_running_statistics_is_refused():
     """A BatchNorm with track_running_stats=False uses batch statistics in eval mode: the label check's
     one-sample forward died inside torch ("Expected more than 1 value per channel"), and with it out of

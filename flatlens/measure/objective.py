@@ -32,7 +32,7 @@ from flatlens import distributed as D
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import HessianVectorProduct, check_kernel, make_loss_fn
 from flatlens.measure.linalg import _check_int
-from flatlens.measure.memory import require_memory
+from flatlens.measure.memory import _bytes, available_bytes, require_memory
 from flatlens.measure.params import (
     ParamSpace, include_groups, inert_step_sizes, left_out_of_groups, parameter_groups, select_parameters,
 )
@@ -59,12 +59,27 @@ def require_objective(obj: Any, measure: str, also: str = "") -> None:
 
 
 def _checked_batches(batches: Any) -> list[tuple[Tensor, Tensor]]:
-    """Explicit ``[(x, y), ...]``: pairs of tensors with as many inputs as integer labels >= 0."""
-    out = []
-    for i, b in enumerate(batches if isinstance(batches, (list, tuple)) else [None]):
+    """Explicit batches: pairs of tensors with as many inputs as integer labels >= 0.
+
+    ``[(x, y), ...]``, or any iterable of such pairs, read once: a notebook's ``DataLoader`` (whose
+    batches are ``[x, y]`` lists) or a generator. The Objective caches what it reads, so an iterable
+    that would fill the memory (a loader over a whole training set) is refused as it goes, naming a
+    subset to pass instead.
+    """
+    if isinstance(batches, (Tensor, str, bytes, dict)) or not hasattr(batches, "__iter__"):
+        raise FlatlensError(f"batches= got a {type(batches).__name__}; pass [(x, y), ...] (a list of pairs, also for one "
+                            "batch) or an iterable of (x, y) pairs such as a DataLoader")
+    budget = None if isinstance(batches, (list, tuple)) else available_bytes("cpu")
+    out, held = [], 0
+    for i, b in enumerate(batches):
         if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(t, Tensor) for t in b)):
             raise FlatlensError(f"batches[{i}] is not an (inputs, labels) pair of tensors; pass batches=[(x, y), ...] "
-                                "(a list of pairs, also for one batch)")
+                                "(a list of pairs, also for one batch) or an iterable of such pairs")
+        held += sum(t.numel() * t.element_size() for t in b)
+        if budget is not None and held > 0.8 * budget:
+            raise FlatlensError(f"the first {i + 1} batches of the iterable passed as batches= already take "
+                                f"{_bytes(held)} of {_bytes(budget)} available, and the Objective caches them all; "
+                                "pass a subset, e.g. itertools.islice(loader, 8)")
         x, y = b
         if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.ndim != 1:
             raise FlatlensError(f"batches[{i}] labels are {y.dtype} of shape {tuple(y.shape)}; pass a 1-D integer "
@@ -74,7 +89,7 @@ def _checked_batches(batches: Any) -> list[tuple[Tensor, Tensor]]:
                                 "pass one label per input")
         if y.numel() and int(y.min()) < 0:
             raise FlatlensError(f"batches[{i}] holds label {int(y.min())}; labels must be class indices >= 0")
-        out.append((x, y))
+        out.append((x, y.long()))  # int32/uint8 class indices: cross_entropy takes int64 (or uint8) only
     return out
 
 
