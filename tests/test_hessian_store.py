@@ -88,10 +88,17 @@ def test_second_write_merges_or_replaces(tmp_path, results):
     assert r["attrs"]["trace_seconds"] == before["attrs"]["trace_seconds"]
     assert r["attrs"]["n_hvp"] == eig0.n_hvp + tr.n_hvp + dens.n_hvp
     assert store.read(p, "landscape/x")["loss"].tolist() == [1, 1, 1]
-    # other data (shared provenance differs): the whole group is replaced
+    # other data (shared provenance differs): the whole group is replaced, which would drop the
+    # eigenvalues and the density of the first data; refused (file untouched) unless replace=True
     other = Objective(_bn_cnn(), batches=_data(seed=9), kernel="double_backward")
     t2 = fl.hessian.trace(other, rtol=0.1, seed=2)
-    fl.hessian.write(p, t2)
+    held = p.read_bytes()
+    with pytest.raises(FlatlensError, match=r"a.h5:/hessian holds hessian, density measured on another setup "
+                                            r"\(subset_sha256: .*; one group holds one setup, so this write would "
+                                            r"drop them: pass replace=True to replace the group, or write to another file$"):
+        fl.hessian.write(p, t2)
+    assert p.read_bytes() == held
+    fl.hessian.write(p, t2, replace=True)
     r = fl.hessian.read(p)
     assert "eigenvalues" not in r and "density" not in r and r["trace"] == t2.estimate
     assert r["attrs"]["measures"] == ["trace"] and r["attrs"]["n_hvp"] == t2.n_hvp
@@ -99,8 +106,12 @@ def test_second_write_merges_or_replaces(tmp_path, results):
     # another seed is other provenance too
     t3 = fl.hessian.trace(other, rtol=0.1, seed=3)
     fl.hessian.write(p, fl.hessian.eigenvalues(other, seed=2))
-    fl.hessian.write(p, t3)
+    with pytest.raises(FlatlensError, match=r"holds hessian measured on another setup \(seed: 2 vs 3\)"):
+        fl.hessian.write(p, t3)
+    fl.hessian.write(p, t3, replace=True)
     assert "eigenvalues" not in fl.hessian.read(p)
+    fl.hessian.write(p, fl.hessian.eigenvalues(other, seed=2), t2)  # every measure it holds, again: no loss
+    assert fl.hessian.read(p)["attrs"]["seed"] == 2
     with pytest.raises(FlatlensError, match="got no results"):
         fl.hessian.write(p)
     with pytest.raises(FlatlensError, match="cannot store a PowerResult"):

@@ -114,10 +114,22 @@ def test_second_run_replaces_one_measure_and_keeps_the_others(analysis, tiny_run
         r["density"]["values"], before["density"]["values"])
     assert r["attrs"]["eigenvalue_seconds"] == before["attrs"]["eigenvalue_seconds"]
     assert store.read(p, "landscape/keep")["loss"].tolist() == [0.0, 1.0, 2.0]
-    # another split is other provenance: the whole group is replaced (the landscape group is not touched)
+    # another split is other provenance: the whole group would be replaced, dropping the trace and the
+    # density of the first split; refused before any HVP (the file untouched), and done with --replace
+    # (the landscape group is not touched)
     capsys.readouterr()
-    rc = main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", "--split", "env0_out", *FAST,
-               "--eig-stop", "gap", "--out", str(p)])
+    held = p.read_bytes()
+    args = ["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", "--split", "env0_out", *FAST,
+            "--eig-stop", "gap", "--out", str(p)]
+    assert main(args) == 2 and p.read_bytes() == held
+    out_err = capsys.readouterr()
+    assert "predicted cost" not in out_err.out
+    assert out_err.err.strip().endswith(
+        "copy.h5:/hessian holds trace, density measured on another setup (split: source-val vs env0_out; "
+        "n_samples: 64 vs 60; subset_sha256: " + before["attrs"]["subset_sha256"][:37] + "... vs "
+        + fl.Objective(fl.load_checkpoint(tiny_run / "model.pt"), split="env0_out").subset_sha256()[:37]
+        + "...); this run would replace that group and drop them: pass --replace to do so, or --out another file")
+    rc = main(args + ["--replace"])
     assert rc == 0
     r = fl.hessian.read(p)
     assert r["attrs"]["split"] == "env0_out" and "trace" not in r and "density" not in r

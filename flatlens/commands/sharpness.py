@@ -42,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recompute", action="store_true",
                    help="measure again what --out already holds with the same settings (by default a rerun skips it; "
                         "a landscape resumes its missing points, and with this starts afresh, as --landscape-overwrite)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a /hessian group of --out measured on another setup (other --split, --samples, --seed, "
+                        "--space or selection) even where that drops measures this run does not repeat (refused "
+                        "by default, before anything runs)")
     options: dict[str, list[str]] = {}
     for m in measures.values():
         group = _OptionRecorder(p.add_argument_group(f"{m.name}: {m.help}"))
@@ -162,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in obj.model.modules())
         say(f"differentiated: {obj.differentiated}"
             + ("; BatchNorm in eval mode (running statistics)" if has_bn else "; no BatchNorm layers"))
+        if not getattr(args, "replace", False):  # before any work: a refusal after an hour's run helps no one
+            why = D.broadcast_object(ctx, _conflicts(measures, names, obj, args, out) if ctx.is_main else None)
+            if why:
+                raise FlatlensError(f"{why}; this run would replace that group and drop them: pass --replace to do "
+                                    "so, or --out another file")
         rows: list[tuple[str, str, str]] = []
         kernel_said = False
         for step in plan(names, args):
@@ -210,6 +219,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         D.teardown(ctx, finished)
     return 0
+
+
+def _conflicts(measures: dict, names: list[str], obj, args: argparse.Namespace, out: Path) -> str:
+    """The distinct reasons the requested measures give why this run would drop stored results, joined."""
+    reasons = [measures[n].conflicts(obj, args, out, names) for n in names if measures[n].conflicts is not None]
+    return "; ".join(dict.fromkeys(r for r in reasons if r))
 
 
 def _kernel_line(obj) -> str:

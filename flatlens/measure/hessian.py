@@ -72,7 +72,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -258,9 +258,9 @@ class _Stored:
     def summary(self) -> list[tuple[str, str]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def write(self, path: str | Path) -> Path:
+    def write(self, path: str | Path, *, replace: bool = False) -> Path:
         """Write (merge) this result into ``path:/hessian``; see :func:`write`."""
-        return write(path, self)
+        return write(path, self, replace=replace)
 
 
 @dataclass
@@ -1180,9 +1180,9 @@ class SpectrumResult:
     def seconds(self) -> float:
         return sum(r.seconds for r in self.results)
 
-    def write(self, path: str | Path) -> Path:
+    def write(self, path: str | Path, *, replace: bool = False) -> Path:
         """Write all parts into ``path:/hessian`` (see :func:`write`)."""
-        return write(path, *self.results)
+        return write(path, *self.results, replace=replace)
 
     def summary(self) -> list[tuple[str, str]]:
         return [row for r in self.results for row in r.summary()]
@@ -1294,14 +1294,49 @@ def _finalize(group: Any) -> None:
     group.attrs["measures"] = attr_value(present)
 
 
-def write(path: str | Path, *results: _Stored) -> Path:
+def stored_attrs(path: str | Path) -> dict[str, Any] | None:
+    """The attributes of ``path:/hessian`` (decoded), or None when the file or the group is missing."""
+    if not Path(path).is_file():
+        return None
+    with store.open_h5(path, "r") as f:
+        if GROUP not in f:
+            return None
+        return {k: store._decode(v) for k, v in f[GROUP].attrs.items()}
+
+
+def dropped_by(path: str | Path, setup: Mapping[str, Any], measures: Sequence[str]) -> tuple[list[str], list[str]]:
+    """What writing ``measures`` (of ``hessian``, ``trace``, ``density``) measured on ``setup`` (attributes
+    with the :data:`SHARED_KEYS`) into ``path:/hessian`` would lose: the stored measures it does not
+    write again, when the group holds another setup (whose write replaces the whole group), and the
+    shared keys that differ. Both empty when nothing is lost (no group, the same setup: a merge)."""
+    stored = stored_attrs(path)
+    if stored is None:
+        return [], []
+    differ = store.differing_attrs(setup, stored, SHARED_KEYS)
+    if not differ:
+        return [], []
+    present = [m for m, prefix in _COST_PREFIXES.items() if f"{prefix}n_hvp" in stored]
+    lost = [m for m in present if m not in measures]
+    return lost, (differ if lost else [])
+
+
+def describe_drop(path: str | Path, setup: Mapping[str, Any], lost: list[str], differ: list[str]) -> str:
+    """``path:/hessian holds trace, density measured on another setup (n_samples: 256 vs 64)``."""
+    stored = stored_attrs(path) or {}
+    shown = "; ".join(f"{k}: {_short(stored.get(k))} vs {_short(setup.get(k))}" for k in differ[:3])
+    return f"{path}:/{GROUP} holds {', '.join(lost)} measured on another setup ({shown})"
+
+
+def write(path: str | Path, *results: _Stored, replace: bool = False) -> Path:
     """Write results of :func:`eigenvalues`, :func:`trace`/:func:`layer_traces` and :func:`density` into
     ``path:/hessian`` (created with its root attributes when missing; refused when it belongs to
     another checkpoint).
 
     Each result replaces only its own datasets and prefixed attributes and keeps the other measures'
     (merge), unless the shared provenance (:data:`SHARED_KEYS`: split, sample subset, parameter set,
-    space, checkpoint, seed...) differs from what the group holds: then the whole group is replaced.
+    space, checkpoint, seed...) differs from what the group holds: then the whole group is replaced,
+    which is refused, unless ``replace``, when it would drop measures of the other setup that this write
+    does not hold (a trace measured for an hour, lost to a quick eigenvalue check of other samples).
     Each write is atomic (copy, fsync, rename), so a kill never leaves a broken file.
     """
 
@@ -1335,6 +1370,10 @@ def write(path: str | Path, *results: _Stored) -> Path:
                                 f"({shown}), and one /{GROUP} group holds one setup; write them to different files")
     p = Path(path)
     store.ensure_file(p, results[0].root)
+    lost, differ = dropped_by(p, stored[0][1], [r.MEASURE for r in results])
+    if lost and not replace:
+        raise FlatlensError(describe_drop(p, stored[0][1], lost, differ) + "; one group holds one setup, so this "
+                            "write would drop them: pass replace=True to replace the group, or write to another file")
     for r, (datasets, attrs) in zip(results, stored):
         store.merge_group(p, GROUP, datasets, attrs, match=SHARED_KEYS, drop=r.OWNED, drop_attr_prefixes=r.PREFIXES,
                           finalize=_finalize)

@@ -114,9 +114,28 @@ def _output(*results: _Stored, ctx: Any):
     from flatlens.measure.registry import MeasureOutput
 
     if ctx.is_main:
-        write(ctx.out, *_tagged(results, ctx))
+        write(ctx.out, *_tagged(results, ctx), replace=True)  # checked before the run (--replace)
     rows = [(r.MEASURE, label, value) for r in results for label, value in r.summary()]
     return MeasureOutput(group=GROUP, datasets={}, attrs={}, summary=rows, written=True)
+
+
+def _setup(obj: Any, args: Any) -> dict[str, Any]:
+    """The shared attributes this command's results get (the Objective's provenance and --seed)."""
+    return {**obj.describe(), "seed": args.seed}
+
+
+def _drops_others(obj: Any, args: Any, out: Any, names: list[str]) -> str | None:
+    """Why this run would drop measures ``out:/hessian`` holds for another setup (see
+    :attr:`flatlens.measure.registry.Measure.conflicts`), or None."""
+    from flatlens.measure.hessian import describe_drop, dropped_by
+
+    setup = _setup(obj, args)
+    lost, differ = dropped_by(out, setup, [n for n in names if n in _GROUP_MEASURES])
+    return describe_drop(out, setup, lost, differ) if lost else None
+
+
+_GROUP_MEASURES = ("hessian", "trace", "density")
+"""The measures that share ``/hessian``."""
 
 
 def _stored_rows(obj: Any, args: Any, out: Any, fingerprint: str, members: list[str]) -> list[tuple[str, ...]] | None:
@@ -125,19 +144,12 @@ def _stored_rows(obj: Any, args: Any, out: Any, fingerprint: str, members: list[
     sample subset, parameters, space, checkpoint, seed), else None. Device, kernel, batch size and thread
     count are not compared: they change rounding, not what is measured."""
     import json
-    from pathlib import Path
 
     from flatlens import store
-    from flatlens.measure.hessian import _COST_PREFIXES, SHARED_KEYS
+    from flatlens.measure.hessian import _COST_PREFIXES, SHARED_KEYS, stored_attrs
 
-    if not Path(out).is_file():
-        return None
-    with store.open_h5(out, "r") as f:
-        if GROUP not in f:
-            return None
-        stored = {k: store._decode(v) for k, v in f[GROUP].attrs.items()}
-    current = {**obj.describe(), "seed": args.seed}
-    if store.differing_attrs(current, stored, SHARED_KEYS):
+    stored = stored_attrs(out)
+    if stored is None or store.differing_attrs(_setup(obj, args), stored, SHARED_KEYS):
         return None
     rows: list[tuple[str, ...]] = []
     for m in sorted(members, key=list(_COST_PREFIXES).index):  # the order a run prints its results in
@@ -257,12 +269,12 @@ def _register() -> None:
         return lambda obj, args, out, fingerprint: _stored_rows(obj, args, out, fingerprint, [name])
 
     register(Measure("hessian", "top-k / bottom-k Hessian eigenvalues (Lanczos, certified)", _add_hessian_args,
-                     est_hessian, run_hessian, _check_hessian_cli, completed("hessian")))
+                     est_hessian, run_hessian, _check_hessian_cli, completed("hessian"), _drops_others))
     register(Measure("trace", "Hessian trace with a 95% CI (krylov, Hutch++, XTrace, Hutchinson) or exact "
                      "(gauss-newton), per-layer traces, QGen noise terms", _add_trace_args, est_trace, run_trace,
-                     check_trace, completed("trace")))
+                     check_trace, completed("trace"), _drops_others))
     register(Measure("density", "spectral density (stochastic Lanczos quadrature)", _add_density_args,
-                     est_density, run_density, _check_density_cli, completed("density")))
+                     est_density, run_density, _check_density_cli, completed("density"), _drops_others))
 
     def covers_spectrum(args: Any, names: list[str]) -> list[str]:
         if not getattr(args, "shared_krylov", True) or "density" not in names:
@@ -289,7 +301,7 @@ def _register() -> None:
                            trace="trace" in members, rtol=args.trace_rtol or None, max_hvp=args.max_hvp,
                            level=args.trace_level, layers=args.layers, layer_rtol=args.layer_rtol,
                            grid=args.density_grid, sigma=args.density_sigma, seed=args.seed, progress=prog,
-                           on_ready=(lambda done: write(ctx.out, *_tagged(done, ctx))) if ctx.is_main else None)
+                           on_ready=(lambda done: write(ctx.out, *_tagged(done, ctx), replace=True)) if ctx.is_main else None)
         finally:
             bar.close()
         return _output(*res.results, ctx=ctx)

@@ -75,6 +75,11 @@ class Measure:
     :attr:`RunContext.fingerprint`, and the same Objective), else None. ``flatlens sharpness`` then skips
     the measure (a rerun after a kill does not pay again for what was finished). None: never skipped
     (e.g. a measure that resumes its own work)."""
+    conflicts: Callable[[Any, argparse.Namespace, Any, list[str]], "str | None"] | None = None
+    """``conflicts(obj, args, out, names)``: why running this measure with the others requested (``names``)
+    would drop results the analysis file ``out`` holds and this run does not measure again (e.g. a group
+    of another setup, which a write replaces whole), or None. ``flatlens sharpness`` asks every requested
+    measure before the first one runs, and stops unless ``--replace``."""
 
 
 @dataclass
