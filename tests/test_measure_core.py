@@ -173,6 +173,24 @@ def test_an_op_without_a_second_derivative_is_one_line_naming_the_way_out():
     assert fl.hessian.eigenvalues(Objective(net, batches=batches, include="all", exclude="bag")).values[0] > 0
 
 
+def test_a_compiled_model_is_measured_through_its_original_module():
+    """A torch.compile'd model failed at the first HVP: its compiled backward refuses create_graph
+    ("compiled with non-empty donated buffers which requires create_graph=False")."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    batches = [(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 3)]
+    compiled = torch.compile(net)
+    before = model_state_hash(compiled)
+    obj = Objective(compiled, batches=batches)
+    assert obj.space.names == ["0.weight", "2.weight"] and obj.model is net  # the same parameters, eagerly
+    assert torch.equal(fl.hessian.eigenvalues(obj).values, fl.hessian.eigenvalues(Objective(net, batches=batches)).values)
+    assert model_state_hash(compiled) == before
+    inner = nn.Sequential(torch.compile(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 3)).eval()
+    with pytest.raises(FlatlensError, match=r"^module '0' is torch.compile'd, and compiled graphs cannot be "
+                                            r"differentiated twice; build the model without torch.compile"):
+        Objective(inner, batches=batches)
+
+
 def test_quantizer_step_sizes_are_their_own_group():
     from flatlens.quant import attach_quantizers
 

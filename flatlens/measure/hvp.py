@@ -110,11 +110,12 @@ def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callab
     normalisation) are routed through formulas that differentiate twice
     (:func:`flatlens.measure.twice.twice_differentiable`).
     """
-    from flatlens.measure.twice import twice_differentiable, uses_weight_norm
+    from flatlens.measure.twice import twice_differentiable, uncompiled, uses_weight_norm
     from flatlens.quant.lsq import gradient_scale_off
 
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}; pass a torch.nn.Module.")
+    model = uncompiled(model)
     param_names = [name for name, _ in model.named_parameters()]
     buffer_names = [name for name, _ in model.named_buffers()]
     weight_norm = uses_weight_norm(model)

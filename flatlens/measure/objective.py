@@ -36,6 +36,7 @@ from flatlens.measure.memory import _bytes, available_bytes, require_memory
 from flatlens.measure.params import (
     ParamSpace, include_groups, inert_step_sizes, left_out_of_groups, parameter_groups, select_parameters,
 )
+from flatlens.measure.twice import uncompiled
 from flatlens.seeding import check_seed, generator
 
 SPLITS_HELP = "train (source in splits), source-val (source out splits), target (all of the target domains), env{i}_in/out"
@@ -201,6 +202,10 @@ class Objective:
         model = source.model if self.run is not None else source
         if not isinstance(model, nn.Module):
             raise FlatlensError("Objective needs a flatlens Run (fl.load_checkpoint) or an nn.Module with batches=")
+        try:  # a torch.compile'd model is measured through its original module (see flatlens.measure.twice)
+            model = uncompiled(model)
+        except ValueError as exc:
+            raise FlatlensError(str(exc)) from None
         if isinstance(device, str):  # the names --device takes ("auto", "cuda" = this rank's GPU), checked
             device = D.resolve_device(device, self.ctx.local_rank)
         first = next(model.parameters(), None)  # a model without parameters fails at the selection, in one line

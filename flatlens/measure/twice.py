@@ -9,6 +9,10 @@ Every gradient and HVP flatlens takes runs the model inside :func:`twice_differe
   for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented". Inside the
   context attention runs on PyTorch's ``math`` kernel: the same function, from ops that differentiate
   twice.
+* **torch.compile.** A compiled module's backward refuses ``create_graph`` ("This backward function was
+  compiled with non-empty donated buffers which requires create_graph=False"). :func:`uncompiled`
+  measures a ``torch.compile``'d model through its original module (the same parameters, eagerly);
+  a compiled submodule is refused in one line.
 * **Weight normalisation.** ``torch.nn.utils.parametrizations.weight_norm`` (and the older
   ``torch.nn.utils.weight_norm``) compute the weight with ``torch._weight_norm``, whose fused kernel's
   double backward is wrong (torch 2.14, CPU): the Hessian it gives is not even symmetric (0.35 off
@@ -39,6 +43,25 @@ class _CompositeWeightNorm(TorchFunctionMode):
             dim = rest[0] if rest else kwargs.get("dim", 0)
             return v * (g / torch.norm_except_dim(v, 2, dim))
         return func(*args, **kwargs)
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is what ``torch.compile(m)`` returns (checked without importing torch._dynamo)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """``model``, or the original module of a ``torch.compile``'d one (its parameters are the same tensors,
+    named without the ``_orig_mod.`` prefix). A compiled submodule is a ValueError naming it: it cannot be
+    swapped for its original without changing the caller's model."""
+    while _compiled(model):
+        model = model._orig_mod
+    inner = next((name for name, m in model.named_modules() if _compiled(m)), None)
+    if inner is not None:
+        raise ValueError(f"module {inner!r} is torch.compile'd, and compiled graphs cannot be differentiated twice; "
+                         "build the model without torch.compile for the measurement (compile the whole model "
+                         "instead, which flatlens measures through its original module)")
+    return model
 
 
 def uses_weight_norm(model: nn.Module) -> bool:
