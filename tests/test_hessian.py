@@ -439,6 +439,13 @@ def test_bad_arguments_are_one_line_flatlens_errors():
     with pytest.raises(FlatlensError, match="grid=100,000,000 points; a density curve needs far fewer"):
         fl.hessian.density(obj, 2, 5, grid=10**8)  # the smoothing ran the machine out of memory (killed)
     assert obj.n_hvp == n_hvp
+    # dense matrices: each mistake named (a nan matrix gave numpy's "Eigenvalues did not converge")
+    for A, msg in ((torch.randn(5, 4), r"got \(5, 4\), need a square 2-D tensor"),
+                   (torch.eye(3, dtype=torch.int64), "got a torch.int64 matrix; pass a real floating-point one"),
+                   (torch.tensor([[1.0, 2.0], [0.0, 1.0]]), r"matrix is not symmetric \(max \|A - A\^T\| = 2\)"),
+                   (torch.diag(torch.tensor([1.0, float("nan"), float("inf")])), "holds 2 nan/inf entries; pass a finite")):
+        with pytest.raises(FlatlensError, match=msg):
+            fl.hessian.eigenvalues(A)
     for bad in (0, -3, 2.5, "10"):  # not a basis size: named, not "pick a smaller sketch_size" or a TypeError
         with pytest.raises(FlatlensError, match="sketch_size=.* is not an int >= 1"):
             fl.hessian.trace(obj, sketch_size=bad)

@@ -114,6 +114,9 @@ class SymmetricOperator:
             raise ValueError(f"from_matrix: got {shape}, need a square 2-D tensor; pass an n x n matrix.")
         if not A.dtype.is_floating_point:
             raise ValueError(f"from_matrix: got a {A.dtype} matrix; pass a real floating-point one, e.g. A.double().")
+        if not bool(torch.isfinite(A).all()):  # numpy's "Eigenvalues did not converge" said nothing of why
+            raise ValueError(f"from_matrix: the matrix holds {int((~torch.isfinite(A)).sum())} nan/inf entries; pass a "
+                             "finite one")
         if check_symmetric:
             scale = float(A.abs().max()) if A.numel() else 0.0
             asym = float((A - A.T).abs().max()) if A.numel() else 0.0
