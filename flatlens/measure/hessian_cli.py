@@ -119,6 +119,10 @@ def _output(*results: _Stored, ctx: Any):
     return MeasureOutput(group=GROUP, datasets={}, attrs={}, summary=rows, written=True)
 
 
+_GROUP_MEASURES = ("hessian", "trace", "density")
+"""The measures that share ``/hessian``."""
+
+
 def _setup(obj: Any, args: Any) -> dict[str, Any]:
     """The shared attributes this command's results get (the Objective's provenance and --seed)."""
     return {**obj.describe(), "seed": args.seed}
@@ -132,10 +136,6 @@ def _drops_others(obj: Any, args: Any, out: Any, names: list[str]) -> str | None
     setup = _setup(obj, args)
     lost, differ = dropped_by(out, setup, [n for n in names if n in _GROUP_MEASURES])
     return describe_drop(out, setup, lost, differ) if lost else None
-
-
-_GROUP_MEASURES = ("hessian", "trace", "density")
-"""The measures that share ``/hessian``."""
 
 
 def _stored_rows(obj: Any, args: Any, out: Any, fingerprint: str, members: list[str]) -> list[tuple[str, ...]] | None:
