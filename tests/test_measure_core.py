@@ -173,6 +173,45 @@ def test_an_op_without_a_second_derivative_is_one_line_naming_the_way_out():
     assert fl.hessian.eigenvalues(Objective(net, batches=batches, include="all", exclude="bag")).values[0] > 0
 
 
+def test_hard_sigmoid_models_such_as_mobilenet_v3_get_right_hvps():
+    """hardsigmoid_backward has no derivative: every HVP of a MobileNetV3 (nn.Hardsigmoid in its
+    squeeze-excitation blocks) failed with a RuntimeError traceback. nn.Hardsigmoid now runs as the same
+    piecewise-linear clamp; a functional F.hardsigmoid, which flatlens cannot see, fails in one line."""
+    from torchvision.models import mobilenet_v3_small
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    for net, x, y in ((nn.Sequential(nn.Linear(6, 6), nn.Hardsigmoid(), nn.Linear(6, 3)),
+                       3 * torch.randn(5, 6, generator=gen), torch.arange(5) % 3),
+                      (mobilenet_v3_small(num_classes=4), torch.randn(2, 3, 32, 32, generator=gen), torch.tensor([0, 3]))):
+        net, x = net.double().eval(), x.double()
+        obj = Objective(net, batches=[(x, y)], kernel="double_backward")
+        names, base = obj.space.names, {n: p.detach().clone() for n, p in net.named_parameters()}
+        grad = torch.func.grad(lambda t: nn.functional.cross_entropy(torch.func.functional_call(
+            net, dict(base, **dict(zip(names, obj.space.unflatten(t)))), (x,)), y))
+        w = obj.space.origin_vector()
+        v = torch.randn(len(w), generator=gen, dtype=torch.float64)
+        v /= v.norm()  # a step of 1e-6 in all: ReLU/hardswish kinks stay uncrossed
+        fd = (grad(w + 1e-6 * v) - grad(w - 1e-6 * v)) / 2e-6
+        for kernel in ("graph_reuse", "double_backward", "forward_over_reverse"):
+            hv = Objective(net, batches=[(x, y)], kernel=kernel).hvp(v)
+            assert float((hv - fd).norm() / fd.norm()) < 1e-6, kernel
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(nn.functional.hardsigmoid(self.a(x)))
+
+    batches = [(torch.randn(5, 6, generator=gen), torch.arange(5) % 3)]
+    for kernel, said in (("double_backward", r"derivative for aten::hardsigmoid_backward is not implemented"),
+                         ("forward_over_reverse", r"Trying to use forward AD with aten::hardsigmoid_backward")):
+        with pytest.raises(FlatlensError, match=r"^the model uses an op PyTorch cannot differentiate twice \(" + said):
+            Objective(Functional().eval(), batches=batches, kernel=kernel).hvp(torch.ones(54))
+
+
 def test_a_compiled_model_is_measured_through_its_original_module():
     """A torch.compile'd model failed at the first HVP: its compiled backward refuses create_graph
     ("compiled with non-empty donated buffers which requires create_graph=False")."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -153,6 +154,7 @@ def _quantization_on(model: nn.Module) -> bool:
     return bool(is_quantization_enabled(model))
 
 
+_MISSING_DERIVATIVE = re.compile(r"derivative for .* is not implemented")
 _NO_SECOND_DERIVATIVE = ("the model uses an op PyTorch cannot differentiate twice ({}); replace that op in the "
                          "model, or leave the parameters it depends on out of the selection (--exclude / --params)")
 
@@ -325,7 +327,9 @@ class Objective:
         with self._eval():
             try:
                 yield
-            except NotImplementedError as exc:
+            except (NotImplementedError, RuntimeError) as exc:  # RuntimeError: "derivative for aten::X is not ..."
+                if not isinstance(exc, NotImplementedError) and not _MISSING_DERIVATIVE.search(str(exc)):
+                    raise
                 raise FlatlensError(_NO_SECOND_DERIVATIVE.format(str(exc).splitlines()[0])) from None
             except ValueError as exc:  # select_kernel: every kernel failed, each for its reason
                 if "no HVP kernel works" not in str(exc):

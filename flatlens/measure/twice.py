@@ -20,6 +20,12 @@ Every gradient and HVP flatlens takes runs the model inside :func:`twice_differe
   while the gradient is right, so nothing fails. Inside the context, for models that hold such a
   layer, ``torch._weight_norm(v, g, dim)`` is computed as ``v * (g / norm_except_dim(v, 2, dim))``,
   the formula ATen itself falls back to, whose derivatives are those of plain ops.
+* **Hard sigmoid.** ``hardsigmoid_backward`` has no derivative ("derivative for
+  aten::hardsigmoid_backward is not implemented"): every HVP of a MobileNetV3 (whose squeeze-excitation
+  blocks use ``nn.Hardsigmoid``) failed. For models that hold one it is computed as
+  ``clamp(x / 6 + 1/2, 0, 1)``, the same piecewise-linear function.
+
+Ops that no composite covers fail in one line naming the op (:class:`flatlens.measure.objective.Objective`).
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 
-class _CompositeWeightNorm(TorchFunctionMode):
-    """Routes ``torch._weight_norm`` through its composite formula (see the module docstring)."""
+class _Composites(TorchFunctionMode):
+    """Routes ``torch._weight_norm`` and ``F.hardsigmoid`` through composite formulas (module docstring)."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -42,6 +49,8 @@ class _CompositeWeightNorm(TorchFunctionMode):
             v, g, *rest = args
             dim = rest[0] if rest else kwargs.get("dim", 0)
             return v * (g / torch.norm_except_dim(v, 2, dim))
+        if func is F.hardsigmoid:  # in place or not, the module uses what it returns
+            return torch.clamp(args[0] / 6.0 + 0.5, 0.0, 1.0)
         return func(*args, **kwargs)
 
 
@@ -64,13 +73,15 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def uses_weight_norm(model: nn.Module) -> bool:
-    """Whether a module of ``model`` computes a weight with ``torch._weight_norm`` (either API)."""
+def needs_composites(model: nn.Module) -> bool:
+    """Whether a module of ``model`` computes a weight with ``torch._weight_norm`` (either API) or is an
+    ``nn.Hardsigmoid``: the ops :func:`twice_differentiable` replaces (a functional ``F.hardsigmoid`` in a
+    forward is not seen here, and fails in one line)."""
     from torch.nn.utils.parametrizations import _WeightNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for module in model.modules():
-        if isinstance(module, _WeightNorm):
+        if isinstance(module, (_WeightNorm, nn.Hardsigmoid)):
             return True
         if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
             return True
@@ -78,11 +89,12 @@ def uses_weight_norm(model: nn.Module) -> bool:
 
 
 @contextmanager
-def twice_differentiable(weight_norm: bool) -> Iterator[None]:
-    """Attention on the ``math`` kernel and, with ``weight_norm`` (:func:`uses_weight_norm` of the
-    model, decided once: the mode costs a Python call per op), the composite weight normalisation."""
+def twice_differentiable(composites: bool) -> Iterator[None]:
+    """Attention on the ``math`` kernel and, with ``composites`` (:func:`needs_composites` of the model,
+    decided once: the mode costs a Python call per op), weight normalisation and hard sigmoid by
+    composite formulas."""
     with ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        if weight_norm:
-            stack.enter_context(_CompositeWeightNorm())
+        if composites:
+            stack.enter_context(_Composites())
         yield
