@@ -113,8 +113,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"cannot read checkpoint {p}: truncated or corrupted ({first.split('. ')[0][:100]}); "
                               "use another checkpoint of the run (last.pt, model.pt)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{p} is not a flatlens checkpoint (no '{FORMAT}' header); "
-                              "flatlens reads the .pt files that `flatlens train` writes")
+        raise CheckpointError(f"{p} is not a flatlens checkpoint (no '{FORMAT}' header); the commands read the .pt "
+                              "files that `flatlens train` writes; for a model trained elsewhere, load it yourself "
+                              "and measure it from Python: fl.Objective(model, batches=loader)")
     if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{p} has checkpoint format {ckpt['format_version']}, newer than this flatlens "
                               f"({__version__}, format {FORMAT_VERSION}); upgrade flatlens")

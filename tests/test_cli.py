@@ -75,7 +75,9 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     _one_line_error(flatlens_cmd("info", str(tmp_path / "garbage.pt")), "not a torch checkpoint")
     torch.save({"model": {}}, tmp_path / "foreign.pt")
-    _one_line_error(flatlens_cmd("info", str(tmp_path / "foreign.pt")), "is not a flatlens checkpoint")
+    _one_line_error(flatlens_cmd("info", str(tmp_path / "foreign.pt")),
+                    "header); the commands read the .pt files that `flatlens train` writes; for a model trained "
+                    "elsewhere, load it yourself and measure it from Python: fl.Objective(model, batches=loader)")
 
     torch.save({"x": Payload()}, tmp_path / "code.pt")
     _one_line_error(flatlens_cmd("info", str(tmp_path / "code.pt")), "refusing to load")
