@@ -7,6 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import flatlens as fl
 from conftest import flatlens_cmd
@@ -420,6 +421,12 @@ def test_info_describes_an_analysis_file(analysis, tmp_path):
     shown = text.split("  summary ", 1)[1].split("\n  cost ", 1)[0].strip().splitlines()
     assert [" ".join(line.split()) for line in shown] == printed
     assert js["groups"]["hessian"]["summary"].count("\n") == len(printed) - 1
+    assert f"checkpoint        {r['attrs']['checkpoint']} (step " in text
+    # a file measured from Python on a model of your own says so (it said "(none) (step ?, sha256 ...)")
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    own = tmp_path / "own.h5"
+    fl.hessian.eigenvalues(fl.Objective(net, batches=[(torch.randn(8, 4), torch.arange(8) % 3)])).write(own)
+    assert "checkpoint        none: measured from Python on a model of your own" in flatlens_cmd("info", str(own)).stdout
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = 1

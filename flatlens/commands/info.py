@@ -87,8 +87,11 @@ def _analysis(path: Path, as_json: bool) -> int:
     print(f"{'path':<17} {path}")
     print(f"{'format':<17} {root.get('format')} schema {root.get('schema_version')}, written by flatlens "
           f"{root.get('flatlens_version')}, created {root.get('created')}")
-    print(f"{'checkpoint':<17} {root.get('checkpoint') or '(none)'} (step {root.get('checkpoint_step', '?')}, "
-          f"sha256 {str(root.get('checkpoint_sha256', ''))[:12]}...)")
+    if root.get("checkpoint") or root.get("checkpoint_sha256"):
+        print(f"{'checkpoint':<17} {root.get('checkpoint') or '(unnamed)'} (step {root.get('checkpoint_step', '?')}, "
+              f"sha256 {str(root.get('checkpoint_sha256', ''))[:12]}...)")
+    else:
+        print(f"{'checkpoint':<17} none: measured from Python on a model of your own (fl.Objective(model, batches=...))")
     if not groups:
         print(f"{'groups':<17} none yet")
     for name, summary in groups.items():
