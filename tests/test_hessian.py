@@ -453,6 +453,20 @@ def test_bad_arguments_are_one_line_flatlens_errors():
             fl.hessian.trace(obj, "hutchpp", sketch_size=bad)
 
 
+def test_results_and_objectives_show_their_summary_in_a_notebook():
+    """A notebook shows repr(): the dataclass repr of a TraceEstimate ran to 3,600 characters of tensors,
+    and an Objective showed '<flatlens.measure.objective.Objective object at 0x...>'."""
+    obj = CASES["mlp"]()
+    assert repr(obj).startswith(f"Objective({obj.space.numel:,} parameters in space 'latent' (")
+    eig, tr = fl.hessian.eigenvalues(obj, k=2), fl.hessian.trace(obj, max_hvp=20, rtol=None)
+    for r in (eig, tr, fl.hessian.spectrum(obj, 2, 5, k=1, max_hvp=20)):
+        lines = repr(r).splitlines()
+        assert lines[0] == type(r).__name__ and len(lines) == 1 + len(r.summary())
+        assert all(line.startswith("  ") and label in line for line, (label, _) in zip(lines[1:], r.summary()))
+    assert f"{float(eig.values[0]):.6g}" in repr(eig) and "trace cost" in repr(tr) and len(repr(tr)) < 400
+    assert repr(obj).endswith(f"kernel {obj.hvp_engine.kernel})")
+
+
 def test_lazy_api_exports():
     import flatlens.measure.hessian as H
     import flatlens.store as S

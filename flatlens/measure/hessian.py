@@ -113,6 +113,12 @@ Progress = Callable[[int], Any]
 # --------------------------------------------------------------------------------------------------
 
 
+def summary_repr(name: str, rows: Sequence[tuple[str, str]]) -> str:
+    """``name`` over the summary ``rows`` (label, value), one per line, labels aligned."""
+    width = max((len(label) for label, _ in rows), default=0)
+    return "\n".join([name] + [f"  {label:<{width}}  {value}" for label, value in rows])
+
+
 @dataclass
 class _Source:
     op: L.SymmetricOperator
@@ -210,7 +216,7 @@ def _f64(x: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class _Stored:
     """Common fields of the results written to ``/hessian``: costs and provenance."""
 
@@ -230,6 +236,11 @@ class _Stored:
     MEASURE: ClassVar[str] = ""
     PREFIXES: ClassVar[tuple[str, ...]] = ()
     OWNED: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        """The rows ``flatlens sharpness`` prints, which a notebook shows for a result (the numbers are the
+        attributes: ``.values``, ``.estimate``, ``.grid``...; the dataclass repr ran to 3,600 characters)."""
+        return summary_repr(type(self).__name__, self.summary())
 
     def _shared(self) -> dict[str, Any]:
         attrs = {k: v for k, v in self.provenance.items() if k not in _PER_MEASURE}
@@ -263,7 +274,7 @@ class _Stored:
         return write(path, self, replace=replace)
 
 
-@dataclass
+@dataclass(repr=False)
 class EigenResult(_Stored):
     """Extreme eigenvalues from one Lanczos run.
 
@@ -430,7 +441,7 @@ class LayerTraces:
     quant: QuantNoise | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class TraceEstimate(_Stored):
     """A trace estimate with a confidence interval (and per-layer traces when available).
 
@@ -525,7 +536,7 @@ class TraceEstimate(_Stored):
         return rows
 
 
-@dataclass
+@dataclass(repr=False)
 class DensityResult(_Stored):
     """Spectral density by SLQ: ``values`` on ``grid``, from quadrature ``nodes``/``weights``.
 
@@ -1160,7 +1171,7 @@ def _density_result(r: L.SLQResult, src: _Source, n_hvp: int, seconds: float, se
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class SpectrumResult:
     """What :func:`spectrum` measured: the density and, from its first Lanczos run, eigenvalues and trace."""
 
@@ -1183,6 +1194,9 @@ class SpectrumResult:
     def write(self, path: str | Path, *, replace: bool = False) -> Path:
         """Write all parts into ``path:/hessian`` (see :func:`write`)."""
         return write(path, *self.results, replace=replace)
+
+    def __repr__(self) -> str:
+        return summary_repr(type(self).__name__, self.summary())
 
     def summary(self) -> list[tuple[str, str]]:
         return [row for r in self.results for row in r.summary()]

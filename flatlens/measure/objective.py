@@ -276,6 +276,11 @@ class Objective:
         if batches is not None:
             self._check_labels()
 
+    def __repr__(self) -> str:
+        return (f"Objective({self.space.numel:,} parameters in space {self.space.space!r} ({len(self.space.names)} "
+                f"tensors), {self.n_samples:,} samples of split {self.split!r}, on {self.device}, kernel "
+                f"{self._hvp.kernel if self._hvp is not None else self.kernel_name})")
+
     # -- data ------------------------------------------------------------------------------------
     def _load_batches(self, samples: int | None) -> list[tuple[Tensor, Tensor]]:
         run = self.run
