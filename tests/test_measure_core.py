@@ -212,6 +212,33 @@ def test_hard_sigmoid_models_such_as_mobilenet_v3_get_right_hvps():
             Objective(Functional().eval(), batches=batches, kernel=kernel).hvp(torch.ones(54))
 
 
+def test_rnn_models_run_their_differentiated_forward_without_cudnn():
+    """cuDNN has no double backward for its fused RNNs: on a GPU every HVP of an LSTM model would fail
+    (PyTorch: "Double backwards is not supported for CuDNN RNNs"). The differentiated forward of a model with an RNN runs
+    with cuDNN off and puts the flag back; models without one keep it. (The GPU failure itself cannot be
+    reproduced on this CPU-only machine; this checks the switch.)"""
+    from flatlens.measure.hvp import make_forward_fn
+
+    class Recorded(nn.Module):
+        def __init__(self, rnn: nn.Module) -> None:
+            super().__init__()
+            self.rnn, self.head = rnn, nn.Linear(4, 2)
+
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.enabled)
+            h = self.rnn(x.view(-1, 2, 3))
+            return self.head((h[0] if isinstance(h, tuple) else h)[:, -1])
+
+    seen: list[bool] = []
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    before = torch.backends.cudnn.enabled
+    for rnn in (nn.LSTM(3, 4, batch_first=True), nn.Linear(3, 4)):
+        net = Recorded(rnn).eval()
+        make_forward_fn(net)(dict(net.named_parameters()), (x,))
+        assert torch.backends.cudnn.enabled == before
+    assert seen == [False, before]
+
+
 def test_a_compiled_model_is_measured_through_its_original_module():
     """A torch.compile'd model failed at the first HVP: its compiled backward refuses create_graph
     ("compiled with non-empty donated buffers which requires create_graph=False")."""

@@ -107,10 +107,10 @@ def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callab
     without their step-size gradient scale (:func:`flatlens.quant.gradient_scale_off`): every derivative
     in a step size, in every measure, is the loss's own, not LSQ's ``g``-preconditioned one. It is also
     where the ops whose second derivatives PyTorch gets wrong or lacks (fused attention, weight
-    normalisation, hard sigmoid) are routed through formulas that differentiate twice
+    normalisation, hard sigmoid, cuDNN RNNs) are routed through formulas that differentiate twice
     (:func:`flatlens.measure.twice.twice_differentiable`).
     """
-    from flatlens.measure.twice import needs_composites, twice_differentiable, uncompiled
+    from flatlens.measure.twice import needs, twice_differentiable, uncompiled
     from flatlens.quant.lsq import gradient_scale_off
 
     if not isinstance(model, nn.Module):
@@ -118,7 +118,7 @@ def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callab
     model = uncompiled(model)
     param_names = [name for name, _ in model.named_parameters()]
     buffer_names = [name for name, _ in model.named_buffers()]
-    composites = needs_composites(model)
+    model_needs = needs(model)
 
     def forward(params: Mapping[str, Tensor], inputs: tuple) -> Any:
         training = [name for name, m in model.named_modules() if m.training]
@@ -136,7 +136,7 @@ def make_forward_fn(model: nn.Module, *, allow_training: bool = False) -> Callab
         if allow_training and training:
             merged.update({name: b.clone() for name, b in model.named_buffers() if name in buffer_names})
         # step-size derivatives of the loss, not LSQ's g-scaled ones; right second derivatives
-        with gradient_scale_off(model), twice_differentiable(composites):
+        with gradient_scale_off(model), twice_differentiable(model_needs):
             return torch.func.functional_call(model, merged, inputs)
 
     return forward

@@ -25,6 +25,12 @@ Every gradient and HVP flatlens takes runs the model inside :func:`twice_differe
   blocks use ``nn.Hardsigmoid``) failed. For models that hold one it is computed as
   ``clamp(x / 6 + 1/2, 0, 1)``, the same piecewise-linear function.
 
+* **cuDNN RNNs.** cuDNN provides no double backward for its fused RNN kernels ("Double backwards is not
+  supported for CuDNN RNNs due to limitations in the CuDNN API"), so on a GPU every HVP of a model with
+  an LSTM/GRU/RNN would fail. For such models the forward runs with cuDNN off (PyTorch's own RNN
+  kernels, whose backward differentiates; other cuDNN settings kept). No effect on CPU; untested on a
+  GPU here.
+
 Ops that no composite covers fail in one line naming the op (:class:`flatlens.measure.objective.Objective`).
 """
 
@@ -73,28 +79,46 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def needs_composites(model: nn.Module) -> bool:
-    """Whether a module of ``model`` computes a weight with ``torch._weight_norm`` (either API) or is an
-    ``nn.Hardsigmoid``: the ops :func:`twice_differentiable` replaces (a functional ``F.hardsigmoid`` in a
-    forward is not seen here, and fails in one line)."""
+def needs(model: nn.Module) -> frozenset[str]:
+    """What :func:`twice_differentiable` must do for ``model``, decided once per model (the composites'
+    mode costs a Python call per op): ``"composites"`` when a module computes a weight with
+    ``torch._weight_norm`` (either API) or is an ``nn.Hardsigmoid`` (a functional ``F.hardsigmoid`` in a
+    forward is not seen here, and fails in one line); ``"no_cudnn"`` when it holds an RNN/LSTM/GRU."""
     from torch.nn.utils.parametrizations import _WeightNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
+    out = set()
     for module in model.modules():
-        if isinstance(module, (_WeightNorm, nn.Hardsigmoid)):
-            return True
-        if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
-            return True
-    return False
+        if isinstance(module, (_WeightNorm, nn.Hardsigmoid)) or any(
+                isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
+            out.add("composites")
+        if isinstance(module, nn.RNNBase):
+            out.add("no_cudnn")
+    return frozenset(out)
 
 
 @contextmanager
-def twice_differentiable(composites: bool) -> Iterator[None]:
-    """Attention on the ``math`` kernel and, with ``composites`` (:func:`needs_composites` of the model,
-    decided once: the mode costs a Python call per op), weight normalisation and hard sigmoid by
-    composite formulas."""
+def twice_differentiable(model_needs: frozenset[str] = frozenset()) -> Iterator[None]:
+    """Attention on the ``math`` kernel and, as :func:`needs` says, weight normalisation and hard sigmoid
+    by composite formulas and RNNs without cuDNN."""
     with ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        if composites:
+        if "composites" in model_needs:
             stack.enter_context(_Composites())
+        if "no_cudnn" in model_needs:
+            stack.enter_context(_cudnn_off())
         yield
+
+
+@contextmanager
+def _cudnn_off() -> Iterator[None]:
+    """cuDNN off, and back as it was (``torch.backends.cudnn.flags`` would also reset the settings it is
+    not given, such as the caller's TF32 precision)."""
+    from torch.backends import cudnn
+
+    was = cudnn.enabled
+    cudnn.enabled = False
+    try:
+        yield
+    finally:
+        cudnn.enabled = was
