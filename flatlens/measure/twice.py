@@ -1,7 +1,7 @@
 """Forward passes whose second derivatives are right: the ops where PyTorch's are wrong or missing.
 
 Every gradient and HVP flatlens takes runs the model inside :func:`twice_differentiable` (through
-:func:`flatlens.measure.hvp.make_forward_fn`). Two kinds of op need it:
+:func:`flatlens.measure.hvp.make_forward_fn`). These need it:
 
 * **Fused attention.** ``scaled_dot_product_attention`` picks a fused kernel (flash, memory-efficient)
   wherever it can; ``nn.MultiheadAttention(..., need_weights=False)``, as in torchvision's ViT, always
@@ -24,7 +24,6 @@ Every gradient and HVP flatlens takes runs the model inside :func:`twice_differe
   aten::hardsigmoid_backward is not implemented"): every HVP of a MobileNetV3 (whose squeeze-excitation
   blocks use ``nn.Hardsigmoid``) failed. For models that hold one it is computed as
   ``clamp(x / 6 + 1/2, 0, 1)``, the same piecewise-linear function.
-
 * **cuDNN RNNs.** cuDNN provides no double backward for its fused RNN kernels ("Double backwards is not
   supported for CuDNN RNNs due to limitations in the CuDNN API"), so on a GPU every HVP of a model with
   an LSTM/GRU/RNN would fail. For such models the forward runs with cuDNN off (PyTorch's own RNN
