@@ -57,3 +57,47 @@ def test_torchvision_architectures_get_right_hvps_and_name_what_weights_leave_ou
         for kernel in ("graph_reuse", "double_backward", "forward_over_reverse"):
             hv = Objective(net, batches=[(x, y)], kernel=kernel).hvp(v)
             assert float((hv - fd).norm() / fd.norm()) < 1e-6, kernel
+
+
+def test_a_quantized_vit_in_latent_space_is_the_masked_dequant_hessian():
+    """4-bit LSQ quantizers attached to a torchvision ViT: the latent-space HVP is the straight-through
+    surrogate's, ``m * H_dequant (m * v)`` with ``m`` the unclipped mask (the check of
+    test_hessian.py for a CNN), in every kernel."""
+    from flatlens.quant import LSQQuantizer, attach_quantizers
+
+    torch.manual_seed(0)
+    net = _vit().double()
+    attach_quantizers(net, enabled=True, bits=4)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64), torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        net(x)  # initialises the step sizes
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # class token and position embedding left out
+        deq = Objective(net, batches=[(x, y)], space="dequant", kernel="double_backward")
+        latent = [Objective(net, batches=[(x, y)], space="latent", kernel=k)
+                  for k in ("graph_reuse", "double_backward", "forward_over_reverse")]
+    assert all("straight-through" in o.differentiated for o in latent)
+    modules = dict(net.named_modules())
+    masks = []
+    for name, p in zip(deq.space.names, latent[0].space.params):
+        q = getattr(modules[name.rpartition(".")[0]], "weight_quantizer", None)
+        if isinstance(q, LSQQuantizer) and q.is_enabled():
+            r = p.detach() / q.step_size.detach().reshape(-1, *[1] * (p.dim() - 1))
+            masks.append(((r >= -q.q_n) & (r <= q.q_p)).double().reshape(-1))
+        else:  # the attention's in-projection is no Linear module: it stays float
+            masks.append(torch.ones(p.numel(), dtype=torch.float64))
+    m = torch.cat(masks)
+    assert 0 < int(sum(1 for n in deq.space.names if isinstance(
+        getattr(modules[n.rpartition(".")[0]], "weight_quantizer", None), LSQQuantizer)))
+    v = torch.randn(len(m), generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        deq.space.set_offset([deq.space.unflatten(m * v)], [1e-5])
+        plus = deq.grad()
+        deq.space.set_offset([deq.space.unflatten(m * v)], [-1e-5])
+        minus = deq.grad()
+        deq.space.restore()
+    fd = m * (plus - minus) / 2e-5
+    for obj in latent:
+        assert float((obj.hvp(v) - fd).abs().max() / fd.abs().max()) < 1e-5, obj.hvp_engine.kernel
