@@ -31,6 +31,22 @@ def flatlens_cmd(*args: str, env: dict | None = None, timeout: float = 600, **kw
                           env=full_env, timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
 
 
+def flat_loss(obj):
+    """Ground truth for the measurement tests: the mean cross-entropy of ``obj``'s model on all its batches
+    as a function of a flat vector of its parameter space, built with ``torch.func.functional_call``
+    (the parameters outside the space held at their values), independently of the HVP kernels."""
+    names = obj.space.names
+    base = {n: p.detach().clone() for n, p in obj.model.named_parameters()}
+    x = torch.cat([b[0] for b in obj.batches])
+    y = torch.cat([b[1] for b in obj.batches])
+
+    def f(flat):
+        params = dict(base, **dict(zip(names, obj.space.unflatten(flat))))
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(obj.model, params, (x,)), y)
+
+    return f
+
+
 TINY = ["model.width=8", "train.batch_size=16", "train.eval_every=20", "train.steps=40"]
 
 

@@ -13,6 +13,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
+from conftest import flat_loss
 from flatlens.measure.objective import Objective
 
 
@@ -45,9 +46,7 @@ def test_torchvision_architectures_get_right_hvps_and_name_what_weights_leave_ou
     assert obj.left_out == other
     if build is _vit:  # the Q/K/V projections are weights (they were in no group)
         assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in obj.space.names
-    names, base = obj.space.names, {n: p.detach().clone() for n, p in net.named_parameters()}
-    grad = torch.func.grad(lambda t: nn.functional.cross_entropy(torch.func.functional_call(
-        net, dict(base, **dict(zip(names, obj.space.unflatten(t)))), (x,)), y))
+    grad = torch.func.grad(flat_loss(obj))
     w = obj.space.origin_vector()
     v = torch.randn(len(w), generator=gen, dtype=torch.float64)
     v /= v.norm()

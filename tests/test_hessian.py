@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import flatlens as fl
+from conftest import flat_loss
 from flatlens.errors import FlatlensError
 from flatlens.measure.hvp import HessianVectorProduct, make_loss_fn
 from flatlens.measure.objective import Objective
@@ -52,17 +53,7 @@ def _quant_cnn():
 
 def dense_hessian(obj: Objective) -> torch.Tensor:
     """torch.autograd.functional.hessian of the Objective's mean loss w.r.t. its parameter space."""
-    names = obj.space.names
-    base = {n: p.detach().clone() for n, p in obj.model.named_parameters()}
-    x = torch.cat([b[0] for b in obj.batches])
-    y = torch.cat([b[1] for b in obj.batches])
-
-    def f(flat):
-        params = dict(base)
-        params.update(dict(zip(names, obj.space.unflatten(flat))))
-        return nn.functional.cross_entropy(torch.func.functional_call(obj.model, params, (x,)), y)
-
-    return torch.autograd.functional.hessian(f, obj.space.origin_vector().clone())
+    return torch.autograd.functional.hessian(flat_loss(obj), obj.space.origin_vector().clone())
 
 
 CASES = {

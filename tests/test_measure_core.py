@@ -13,6 +13,7 @@ from torch import nn
 
 import flatlens as fl
 from flatlens.errors import FlatlensError
+from conftest import flat_loss
 from flatlens.measure.objective import Objective
 from flatlens.measure.params import ParamSpace, SideEffectError, model_state_hash, parameter_groups, select_parameters
 
@@ -82,17 +83,10 @@ def test_weights_cover_attention_recurrent_and_transposed_layers_and_the_rest_is
             warnings.simplefilter("error")
             assert Objective(net, batches=batches, **kwargs).left_out == []
     # the HVP through attention, the GRU and the transposed convolution against the dense Hessian
-    names, x, y = obj.space.names, *batches[0]
-    base = {n: p.detach().clone() for n, p in net.named_parameters()}
-
-    def f(flat):
-        params = dict(base, **dict(zip(names, obj.space.unflatten(flat))))
-        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-        H = torch.autograd.functional.hessian(f, obj.space.origin_vector())
+        H = torch.autograd.functional.hessian(flat_loss(obj), obj.space.origin_vector())
     v = torch.randn(H.shape[0], generator=gen, dtype=torch.float64)
     for kernel in ("graph_reuse", "double_backward", "forward_over_reverse"):
         o = Objective(net, batches=batches, kernel=kernel, include="weights,other", exclude="pos|act")
@@ -123,14 +117,7 @@ def test_weight_norm_and_spectral_norm_weights_are_weights_with_a_right_hessian(
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(7, 4, generator=gen, dtype=torch.float64), torch.arange(7) % 3
     obj = Objective(net, batches=[(x, y)])
-    names = obj.space.names
-    base = {n: p.detach().clone() for n, p in net.named_parameters()}
-
-    def f(flat):
-        params = dict(base, **dict(zip(names, obj.space.unflatten(flat))))
-        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
-
-    w, grad = obj.space.origin_vector(), torch.func.grad(f)
+    w, grad = obj.space.origin_vector(), torch.func.grad(flat_loss(obj))
     H = torch.stack([(grad(w + 1e-5 * e) - grad(w - 1e-5 * e)) / 2e-5 for e in torch.eye(len(w), dtype=w.dtype)])
     assert torch.allclose(H, H.T, atol=1e-8)
     v = torch.randn(len(w), generator=gen, dtype=torch.float64)
@@ -143,10 +130,8 @@ def test_weight_norm_and_spectral_norm_weights_are_weights_with_a_right_hessian(
         old = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 3))).double().eval()
     assert parameter_groups(old)["weights"] == ["0.weight_g", "0.weight_v"]
     obj = Objective(old, batches=[(x, y)], kernel="double_backward")
-    base = {n: p.detach().clone() for n, p in old.named_parameters()}
     w, v = obj.space.origin_vector(), torch.randn(15, generator=gen, dtype=torch.float64)
-    grad = torch.func.grad(lambda t: nn.functional.cross_entropy(torch.func.functional_call(
-        old, dict(base, **dict(zip(obj.space.names, obj.space.unflatten(t)))), (x,)), y))
+    grad = torch.func.grad(flat_loss(obj))
     assert torch.allclose(obj.hvp(v), (grad(w + 1e-6 * v) - grad(w - 1e-6 * v)) / 2e-6, atol=1e-8)
 
 
@@ -186,9 +171,7 @@ def test_hard_sigmoid_models_such_as_mobilenet_v3_get_right_hvps():
                       (mobilenet_v3_small(num_classes=4), torch.randn(2, 3, 32, 32, generator=gen), torch.tensor([0, 3]))):
         net, x = net.double().eval(), x.double()
         obj = Objective(net, batches=[(x, y)], kernel="double_backward")
-        names, base = obj.space.names, {n: p.detach().clone() for n, p in net.named_parameters()}
-        grad = torch.func.grad(lambda t: nn.functional.cross_entropy(torch.func.functional_call(
-            net, dict(base, **dict(zip(names, obj.space.unflatten(t)))), (x,)), y))
+        grad = torch.func.grad(flat_loss(obj))
         w = obj.space.origin_vector()
         v = torch.randn(len(w), generator=gen, dtype=torch.float64)
         v /= v.norm()  # a step of 1e-6 in all: ReLU/hardswish kinks stay uncrossed
@@ -430,14 +413,7 @@ def test_objective_values_gradient_and_hvp_against_dense_truth():
     obj = Objective(net, batches=batches, include=("weights", "biases"), kernel="double_backward")
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    names = obj.space.names
-    base = {n: p.detach().clone() for n, p in net.named_parameters()}
-
-    def f(flat):
-        params = dict(base)
-        params.update(dict(zip(names, obj.space.unflatten(flat))))
-        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
-
+    f = flat_loss(obj)
     w = obj.space.origin_vector()
     loss, acc, se = obj.loss_and_accuracy()
     assert loss == pytest.approx(float(f(w)), rel=1e-12)
