@@ -62,6 +62,7 @@ __all__ = [
     "make_forward_fn",
     "HessianVectorProduct",
     "KernelSelection",
+    "NoKernelError",
     "select_kernel",
     "flatten",
     "unflatten",
@@ -71,6 +72,10 @@ LossFn = Callable[[Mapping[str, Tensor], Any], "tuple[Tensor, int | Tensor]"]
 """``loss_fn(params, batch) -> (sum of the batch's per-sample losses, number of samples)``."""
 
 KERNELS = ("graph_reuse", "double_backward", "forward_over_reverse")
+
+
+class NoKernelError(ValueError):
+    """:func:`select_kernel` found no kernel that works for the model (each one's reason in the message)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -762,7 +767,7 @@ def select_kernel(
             sel.ratio[name] = sel.seconds[name] / sel.gradient_seconds if sel.gradient_seconds > 0 else math.nan
     if not sel.seconds:
         detail = "; ".join(f"{k}: {v}" for k, v in sel.errors.items())
-        raise ValueError(f"no HVP kernel works for this model ({detail}); replace the failing op in the model, or "
-                         "leave the parameters it depends on out of the selection (--exclude / --params)")
+        raise NoKernelError(f"no HVP kernel works for this model ({detail}); replace the failing op in the model, or "
+                            "leave the parameters it depends on out of the selection (--exclude / --params)")
     sel.kernel = min(sel.seconds, key=sel.seconds.__getitem__)
     return sel

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from flatlens import distributed as D
 from flatlens.errors import FlatlensError
-from flatlens.measure.hvp import HessianVectorProduct, check_kernel, make_loss_fn
+from flatlens.measure.hvp import HessianVectorProduct, NoKernelError, check_kernel, make_loss_fn
 from flatlens.measure.linalg import _check_int
 from flatlens.measure.memory import _bytes, available_bytes, require_memory
 from flatlens.measure.params import (
@@ -336,9 +336,7 @@ class Objective:
                 if not isinstance(exc, NotImplementedError) and not _MISSING_DERIVATIVE.search(str(exc)):
                     raise
                 raise FlatlensError(_NO_SECOND_DERIVATIVE.format(str(exc).splitlines()[0])) from None
-            except ValueError as exc:  # select_kernel: every kernel failed, each for its reason
-                if "no HVP kernel works" not in str(exc):
-                    raise
+            except NoKernelError as exc:  # select_kernel: every kernel failed, each for its reason
                 raise FlatlensError(str(exc).splitlines()[0]) from None
 
     @contextmanager
