@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from flatlens.commands import HelpFormatter, accept_negative_ranges, path_arg, seed_arg
@@ -42,6 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recompute", action="store_true",
                    help="measure again what --out already holds with the same settings (by default a rerun skips it; "
                         "a landscape resumes its missing points, and with this starts afresh, as --landscape-overwrite)")
+    p.add_argument("--journal", default="auto", choices=("auto", "on", "off"),
+                   help="keep every HVP of a measure in progress on disk beside --out (one parameter-sized vector "
+                        "each; removed when the measure is stored), so that rerunning a killed command resumes the "
+                        "measure where it stopped with the same result; auto: for measures predicted to take a "
+                        "minute or more, when the journal fits in half the free disk")
     p.add_argument("--replace", action="store_true",
                    help="replace a /hessian group of --out measured on another setup (other --split, --samples, --seed, "
                         "--space or selection) even where that drops measures this run does not repeat (refused "
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from flatlens import distributed as D
     from flatlens import store
     from flatlens.errors import FlatlensError
+    from flatlens.measure import journal as J
     from flatlens.measure.registry import RunContext, builtin_measures, plan
     from flatlens.progress import Progress
     from torch import nn
@@ -184,33 +191,52 @@ def run(args: argparse.Namespace) -> int:
                 rows += [tuple(r) for r in stored]
                 continue
             est = step.estimate(obj, args)
+            jdir = J.journal_dir(out, "+".join(sorted(step.members)))  # --measures' order changes nothing
+            resumable = None
+            if est.n_hvp:  # a killed run's journal: its kernel, before the kernels are timed
+                resumable = D.broadcast_object(ctx, J.recorded(jdir, _journal_identity(obj, fp)) if ctx.is_main
+                                               else None)
+            pinned = bool(resumable and resumable[1] and args.journal != "off" and obj.prefer_kernel(resumable[1]))
             hvp_s = _hvp_seconds(obj, t_forward) if est.n_hvp else 0.0
-            if est.n_hvp and not kernel_said:
-                say(_kernel_line(obj))
+            if est.n_hvp and (not kernel_said or pinned):
+                say(_kernel_line(obj) + (" (the killed run's, from its journal)" if pinned else ""))
                 kernel_said = True
             eta = est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward + (est.seconds or 0.0)
             if est.n_vector or est.n_draw:  # timed only for a step with vector work (not a landscape)
                 t_pass, t_draw = _vector_seconds(obj)
                 eta += est.n_vector * t_pass + est.n_draw * t_draw
+            journaled, why = (False, "")
+            if est.n_hvp:
+                size = J.predicted_bytes(est.n_hvp, obj.space.numel, obj.space.params[0].element_size())
+                journaled, why = J.decide(args.journal, resumable=resumable[0] if resumable else None,
+                                          eta_seconds=eta, size=size, free=J.free_bytes(jdir) if ctx.is_main else None)
             say(f"[{name}] predicted cost: {'at most ' if est.at_most else ''}{est.n_hvp} HVPs, {est.n_forward} "
                 "forward passes" + (f", {est.n_grad} gradients" if est.n_grad else "")
                 + f" {'<=' if est.at_most else '≈'} {_fmt_seconds(eta)}"
-                + (f" ({est.note})" if est.note else ""))
+                + (f" ({est.note})" if est.note else "") + (f"; {why}" if why else ""))
+            journaled = bool(D.broadcast_object(ctx, journaled))  # rank 0 saw the disk
             before = dict(obj.costs())
             started = time.perf_counter()
 
             def progress(total: int, desc: str = name) -> Progress:
                 return Progress(total, 0, desc=desc, enabled=ctx.is_main, every_seconds=args.progress_every)
 
-            with obj.space.guard():
-                result = step.run(obj, args, RunContext(out=out, is_main=ctx.is_main, progress=progress, log=say,
-                                                        fingerprint=fp))
-            costs = {k: obj.costs()[k] - before[k] for k in before}
-            costs["seconds"] = time.perf_counter() - started
-            if ctx.is_main and not result.written:
-                attrs = {"measure": name, **obj.describe(), **result.attrs, **{f"cost_{k}": v for k, v in costs.items()}}
-                store.write_group(out, result.group, result.datasets, attrs)
-            say(f"[{name}] done in {_fmt_seconds(costs['seconds'])} ({costs['n_hvp']} HVPs) -> {out}:/{result.group}")
+            # the journal is removed when the block ends without an error: after the result is written
+            with obj.journal(jdir, {"fingerprint": fp}) if journaled else nullcontext():
+                with obj.space.guard():
+                    result = step.run(obj, args, RunContext(out=out, is_main=ctx.is_main, progress=progress, log=say,
+                                                            fingerprint=fp))
+                costs = {k: obj.costs()[k] - before[k] for k in before}
+                costs["seconds"] = time.perf_counter() - started
+                if ctx.is_main and not result.written:
+                    attrs = {"measure": name, **obj.describe(), **result.attrs,
+                             **{f"cost_{k}": v for k, v in costs.items()}}
+                    store.write_group(out, result.group, result.datasets, attrs)
+            if journaled and ctx.is_main:
+                _remove_if_empty(jdir.parent)
+            replayed = f", {costs['n_hvp_replayed']} more replayed from the journal" if costs["n_hvp_replayed"] else ""
+            say(f"[{name}] done in {_fmt_seconds(costs['seconds'])} ({costs['n_hvp']} HVPs{replayed}) -> "
+                f"{out}:/{result.group}")
             rows += [tuple(r) if len(r) == 3 else (name, *r) for r in result.summary]
         if ctx.is_main:
             _print_summary(rows)
@@ -219,6 +245,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         D.teardown(ctx, finished)
     return 0
+
+
+def _journal_identity(obj, fp: str) -> dict:
+    """What pins a step's journal: the Objective's Hessian and the step's fingerprint (as ``obj.journal`` adds it)."""
+    return {**obj.journal_identity(), "fingerprint": fp}
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove the ``<out>.journal`` folder once the last step's journal in it is gone."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _conflicts(measures: dict, names: list[str], obj, args: argparse.Namespace, out: Path) -> str:

@@ -101,7 +101,7 @@ SHARED_KEYS = (
 )
 """Attributes of ``/hessian`` that all its measures share; a write with other values replaces the group."""
 
-_PER_MEASURE = ("hvp_kernel", "world_size", "device", "torch_threads")
+_PER_MEASURE = ("hvp_kernel", "world_size", "device", "torch_threads", "replayed_hvp")
 """Provenance that may differ between the measures of one group: stored as ``<prefix><key>``."""
 
 Progress = Callable[[int], Any]
@@ -135,8 +135,11 @@ class _Source:
         """Verify afterwards: model state bit-identical (Objective only) and the global RNG untouched."""
         rng = torch.get_rng_state()
         ctx = self.obj.space.guard() if self.obj is not None else nullcontext()
+        replayed = getattr(self.obj, "n_hvp_replayed", 0)
         with ctx:
             yield
+        # products a resumed run took from its journal (Objective.journal); counted in n_hvp like the others
+        self.provenance["replayed_hvp"] = getattr(self.obj, "n_hvp_replayed", 0) - replayed
         if not torch.equal(torch.get_rng_state(), rng):
             raise SideEffectError("a Hessian measure drew from the global RNG; please report this bug")
 
@@ -254,6 +257,11 @@ class _Stored:
         """For a summary's cost row: the density's HVPs this result reused (a bare "0 HVPs" read as free)."""
         return f" (+ {self.shared_hvp} of the density's, reused)" if self.shared_hvp else ""
 
+    def _replayed(self) -> str:
+        """For a summary's cost row: how many of ``n_hvp`` a resumed run replayed from its journal."""
+        k = int(self.provenance.get("replayed_hvp", 0))
+        return f" ({k} replayed from a journal)" if k else ""
+
     def _costs(self, prefix: str) -> dict[str, Any]:
         return {f"{prefix}n_hvp": int(self.n_hvp), f"{prefix}seconds": float(self.seconds),
                 f"{prefix}seed": int(self.seed), f"{prefix}hvp_kernel": str(self.provenance.get("hvp_kernel", "")),
@@ -261,6 +269,7 @@ class _Stored:
                 f"{prefix}device": str(self.provenance.get("device", "")),
                 f"{prefix}torch_threads": int(self.provenance.get("torch_threads", 0)),
                 f"{prefix}shared_hvp": int(self.shared_hvp),
+                f"{prefix}replayed_hvp": int(self.provenance.get("replayed_hvp", 0)),
                 f"{prefix}written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def to_store(self) -> tuple[dict[str, Any], dict[str, Any]]:  # pragma: no cover - abstract
@@ -368,7 +377,7 @@ class EigenResult(_Stored):
             state = ("converged to the rounding floor 100 eps max|theta| of the model's dtype, which is above "
                      "tol: the HVPs cannot certify a smaller error (float64 can)")
         grad = f" + {self.n_grad} gradient" if self.n_grad else ""
-        rows.append(("eigenvalue cost", f"{self.n_hvp} HVPs{self._reused()}{grad}, {self.seconds:.2f} s, tol {self.tol:g}, "
+        rows.append(("eigenvalue cost", f"{self.n_hvp} HVPs{self._reused()}{self._replayed()}{grad}, {self.seconds:.2f} s, tol {self.tol:g}, "
                                         f"{self.start} start, {state}"))
         return rows
 
@@ -532,7 +541,7 @@ class TraceEstimate(_Stored):
                              "quantized layers"))
         extra = (f", {self.details['n_backward']} per-sample vector-Jacobian products ({self.details.get('per_sample')})"
                  if "n_backward" in self.details else "")
-        rows.append(("trace cost", f"{self.n_hvp} HVPs{self._reused()}{extra}, {self.seconds:.2f} s, {self.method}"))
+        rows.append(("trace cost", f"{self.n_hvp} HVPs{self._reused()}{self._replayed()}{extra}, {self.seconds:.2f} s, {self.method}"))
         return rows
 
 
@@ -587,7 +596,7 @@ class DensityResult(_Stored):
             rows.append(("density curve", f"integrates to {mass:.3g} on this grid (spacing up to {h:.3g}, sigma "
                          f"{self.sigma:.3g}): refine --density-grid or widen --density-sigma; the stored nodes and "
                          "weights are exact"))
-        rows.append(("density cost", f"{self.n_hvp} HVPs, {self.seconds:.2f} s"))
+        rows.append(("density cost", f"{self.n_hvp} HVPs{self._replayed()}, {self.seconds:.2f} s"))
         return rows
 
 

@@ -271,7 +271,9 @@ class Objective:
         self._hvp: HessianVectorProduct | None = None
         self.n_forward = 0  # passes over the cached samples for loss values
         self.n_grad = 0
-        self.n_hvp = 0
+        self.n_hvp = 0  # HVPs computed (a product replayed from a journal is not one)
+        self.n_hvp_replayed = 0
+        self._journal = None
         self.seconds = 0.0
         if batches is not None:
             self._check_labels()
@@ -493,17 +495,72 @@ class Objective:
 
     def hvp(self, v: Tensor) -> Tensor:
         """Flat ``H v`` (H = Hessian of the mean loss w.r.t. the space's parameters)."""
-        with self._second_order():
-            out = _finite(self._global(self.hvp_engine.hvp(v)))
-        self.n_hvp += 1
-        return out
+        return self._journaled(v, lambda u: self.hvp_engine.hvp(u), 1)
 
     def hvp_block(self, V: Tensor) -> Tensor:
         """``H V`` for an ``n x b`` block (one pass over the data for all columns)."""
-        with self._second_order():
-            out = _finite(self._global(self.hvp_engine.hvp_batched(V)))
-        self.n_hvp += V.shape[1]
+        return self._journaled(V, lambda U: self.hvp_engine.hvp_batched(U), V.shape[1])
+
+    def _journaled(self, V: Tensor, product: Any, count: int) -> Tensor:
+        """``product(V)`` as the global mean, or its recorded output when a journal is open and replays it."""
+        def compute(U: Tensor) -> Tensor:
+            with self._second_order():
+                return _finite(self._global(product(U)))
+
+        if self._journal is None:
+            out, replayed = compute(V), False
+        else:
+            out, replayed = self._journal.apply(V, compute)
+        if replayed:
+            self.n_hvp_replayed += count
+        else:
+            self.n_hvp += count
         return out
+
+    def journal_identity(self) -> dict[str, Any]:
+        """What pins the Hessian a journal of this Objective holds products of (see :mod:`~flatlens.measure.journal`)."""
+        from flatlens.measure.journal import IDENTITY_LEFT_OUT
+
+        info = {k: v for k, v in self.describe().items() if k not in IDENTITY_LEFT_OUT}
+        info["param_names"] = list(self.space.names)
+        info["n_params"] = self.space.numel
+        info["dtype"] = str(self.space.dtype)
+        return info
+
+    def prefer_kernel(self, kernel: str) -> bool:
+        """Use ``kernel`` instead of timing the kernels, if this Objective's kernel is ``"auto"`` and not yet
+        chosen (a resumed measure takes the kernel of the run it resumes); whether it was taken."""
+        if self._hvp is None and self.kernel_name == "auto":
+            self.kernel_name = check_kernel(kernel)
+            return True
+        return False
+
+    @contextmanager
+    def journal(self, directory: Any, identity: dict[str, Any] | None = None) -> Iterator[Any]:
+        """Record every HVP inside the block in ``directory``, replaying what a killed earlier run recorded there.
+
+        ``with obj.journal("trace.journal"): tr = fl.hessian.trace(obj)``: when the cell is interrupted (or
+        the process killed), running it again replays the recorded products whose inputs match bitwise and
+        computes the rest, so the result is the uninterrupted run's. The folder is deleted when the block
+        finishes without an error and kept otherwise. ``identity`` adds to what pins the Hessian (e.g. the
+        measure and its settings); a journal of another Objective or identity is discarded. The HVP kernel
+        of the killed run is used when this Objective's kernel is ``"auto"`` and not yet chosen. Needs one
+        parameter-sized output per HVP on disk (:mod:`flatlens.measure.journal`).
+        """
+        from flatlens.measure.journal import HvpJournal
+
+        if self._journal is not None:
+            raise FlatlensError("an HVP journal is already open on this Objective; open one at a time")
+        jr = HvpJournal(directory, {**self.journal_identity(), **(identity or {})}, ctx=self.ctx)
+        if jr.recorded_kernel:
+            self.prefer_kernel(jr.recorded_kernel)
+        jr.set_kernel(self.hvp_engine.kernel)
+        self._journal = jr
+        try:
+            yield jr
+        finally:
+            self._journal = None
+        jr.remove()
 
     def _global(self, local_mean: Tensor) -> Tensor:
         """Turn this rank's sample-mean quantity into the mean over all ranks' samples."""
@@ -542,4 +599,5 @@ class Objective:
         return info
 
     def costs(self) -> dict[str, float]:
-        return {"n_forward": self.n_forward, "n_grad": self.n_grad, "n_hvp": self.n_hvp, "seconds": self.seconds}
+        return {"n_forward": self.n_forward, "n_grad": self.n_grad, "n_hvp": self.n_hvp,
+                "n_hvp_replayed": self.n_hvp_replayed, "seconds": self.seconds}

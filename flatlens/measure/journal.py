@@ -1,0 +1,227 @@
+"""A journal of the Hessian-vector products of a measure in progress, so that a killed measure resumes.
+
+Every Hessian measure is a deterministic function of its seed and of the products ``H v`` it asks for:
+Lanczos, Hutch++, the Krylov trace and SLQ draw their probes from seeded generators and compute every
+next input from the products before it. A journal records, for each product (a call of
+:meth:`Objective.hvp` or :meth:`Objective.hvp_block`), the sha256 of its input and the output, one file
+per call, written atomically. On a rerun the ``k``-th call takes its output from the journal when its
+input is bitwise the recorded one; the first call whose input differs (another seed, another thread
+count that rounds a Lanczos step differently) and every call after it are computed again, and the
+journal is rewritten from there. A replayed product is exactly what the killed run computed for that
+input, so a resumed measure returns what the uninterrupted run would have (bitwise, with the same HVP
+kernel and thread count), and never a product of another input.
+
+Which Hessian a journal belongs to is pinned by an identity (the checkpoint's and the sample subset's
+sha256, the parameter set and space, the measure's settings): a journal of another identity is
+discarded when opened. Under torch.distributed rank 0 reads and writes the files and broadcasts what it
+replays (the other ranks need no access to them).
+
+The journal holds one parameter-sized output per HVP: ``n_hvp x n_params x 4`` bytes in float32 (an
+11 M-parameter ResNet-18: 45 MB per HVP). ``flatlens sharpness`` keeps one per step beside ``--out`` and
+removes it when the step's results are written (``--journal``); from Python, :meth:`Objective.journal`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from flatlens import distributed as D
+from flatlens.atomic import atomic_write_bytes, atomic_write_text
+
+__all__ = ["HvpJournal", "input_sha256", "recorded", "IDENTITY_LEFT_OUT"]
+
+META = "journal.json"
+IDENTITY_LEFT_OUT = ("device", "world_size", "hvp_kernel", "checkpoint")
+"""Objective provenance that does not change the Hessian a journal holds products of (the device, the
+world size and the kernel only round differently; the checkpoint path may move; its sha256 stays)."""
+
+
+def input_sha256(t: Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (what decides its product bitwise)."""
+    c = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{c.dtype}{tuple(c.shape)}".encode())
+    h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def recorded(directory: str | Path, identity: Mapping[str, Any]) -> tuple[int, str | None] | None:
+    """``(entries, kernel)`` of the journal in ``directory`` when it was recorded under ``identity``, else None.
+    Reads only; :class:`HvpJournal` is what opens (and clears) one."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("identity") != json.loads(json.dumps(dict(identity), sort_keys=True, default=str)):
+        return None
+    k = 0
+    while _entry(directory, k).exists():
+        k += 1
+    return k, meta.get("kernel")
+
+
+def _entry(directory: Path, k: int) -> Path:
+    return directory / f"hvp_{k:06d}.pt"
+
+
+class HvpJournal:
+    """The recorded products of one measure (``directory``), replayed in order while their inputs match.
+
+    ``identity``: JSON-able description of the Hessian and the measure; a journal recorded under another
+    is discarded. ``kernel``: the HVP kernel of this run, recorded so a resumed run can use the same one
+    (:attr:`recorded_kernel` is the killed run's). Counters: :attr:`found` (entries present when opened),
+    :attr:`replayed`, :attr:`recorded`.
+    """
+
+    def __init__(self, directory: str | Path, identity: Mapping[str, Any], *, ctx: D.DistContext | None = None) -> None:
+        self.directory = Path(directory)
+        self.ctx = ctx if ctx is not None else D.current()
+        self.identity = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
+        self.found = 0
+        self.replayed = 0
+        self.recorded = 0
+        self.recorded_kernel: str | None = None
+        self._next = 0
+        self._replaying = True
+        self._writing = self.ctx.is_main
+        state = self._open() if self.ctx.is_main else None
+        self.found, self.recorded_kernel = D.broadcast_object(self.ctx, state) or (0, None)
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _open(self) -> tuple[int, str | None]:
+        found = recorded(self.directory, self.identity)
+        if found is None:
+            self._clear()
+            return 0, None
+        for stale in self.directory.glob("hvp_*.pt"):  # entries after a gap cannot be reached
+            if int(stale.stem.split("_")[1]) >= found[0]:
+                stale.unlink(missing_ok=True)
+        return found
+
+    def _clear(self) -> None:
+        if self.directory.exists():
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.directory / META, json.dumps({"identity": self.identity}, sort_keys=True))
+
+    def set_kernel(self, kernel: str) -> None:
+        """Record the HVP kernel the products are computed with (rank 0)."""
+        if self._writing:
+            meta = {"identity": self.identity, "kernel": kernel}
+            try:
+                atomic_write_text(self.directory / META, json.dumps(meta, sort_keys=True))
+            except OSError as exc:
+                self._stop_writing(exc)
+
+    # -- use ---------------------------------------------------------------------------------------
+    def apply(self, V: Tensor, compute: Callable[[Tensor], Tensor]) -> tuple[Tensor, bool]:
+        """``compute(V)``, or the recorded output of this call when its input matches; and whether replayed."""
+        k = self._next
+        self._next += 1
+        out = None
+        if self._replaying and k < self.found:
+            out = self._lookup(k, V) if self.ctx.is_main else None
+            hit = bool(D.broadcast_object(self.ctx, out is not None))
+            if hit:
+                if self.ctx.distributed:
+                    out = D.broadcast_object(self.ctx, out)
+                self.replayed += 1
+                return out.to(device=V.device), True
+            self._replaying = False
+            if self.ctx.is_main:  # the run diverged here: what follows was recorded for other inputs
+                for j in range(k, self.found):
+                    _entry(self.directory, j).unlink(missing_ok=True)
+        else:
+            self._replaying = False
+        out = compute(V)
+        if self._writing:
+            self._record(k, V, out)
+        return out, False
+
+    def _lookup(self, k: int, V: Tensor) -> Tensor | None:
+        try:
+            rec = torch.load(_entry(self.directory, k), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a missing or unreadable entry is a miss, never an error
+            return None
+        if not isinstance(rec, dict) or rec.get("input_sha256") != input_sha256(V):
+            return None
+        out = rec.get("output")
+        if not isinstance(out, Tensor) or out.shape != V.shape:
+            return None
+        return out
+
+    def _record(self, k: int, V: Tensor, out: Tensor) -> None:
+        rec = {"input_sha256": input_sha256(V), "output": out.detach().cpu().clone()}
+        try:
+            atomic_write_bytes(_entry(self.directory, k), lambda f: torch.save(rec, f))
+        except OSError as exc:  # a full disk stops the journal, not the measure
+            self._stop_writing(exc)
+            return
+        self.recorded += 1
+
+    def _stop_writing(self, exc: OSError) -> None:
+        self._writing = False
+        warnings.warn(f"the HVP journal in {self.directory} stopped recording ({exc.strerror or exc}); the measure "
+                      "goes on, but a kill from here on loses the products since", RuntimeWarning, stacklevel=3)
+
+    def remove(self) -> None:
+        """Delete the journal's folder (its measure finished; rank 0)."""
+        if self.ctx.is_main:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+JOURNAL_MODES = ("auto", "on", "off")
+AUTO_MIN_SECONDS = 60.0
+"""``--journal auto`` keeps a journal for a step predicted to take at least this long (a shorter one is
+cheaper to run again than to write to disk)."""
+
+
+def journal_dir(out: str | Path, step: str) -> Path:
+    """Where ``flatlens sharpness`` keeps the journal of ``step`` for the analysis file ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + ".journal") / step
+
+
+def predicted_bytes(n_hvp: int, n_params: int, itemsize: int) -> int:
+    """Disk a journal of ``n_hvp`` products of ``n_params`` entries takes (the outputs; inputs are hashed)."""
+    return n_hvp * n_params * itemsize
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free disk space where ``path`` is (or would be created), or None when unknown."""
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def decide(mode: str, *, resumable: int | None, eta_seconds: float, size: int, free: int | None) -> tuple[bool, str]:
+    """Whether a step keeps a journal, and why (for the predicted-cost line).
+
+    ``resumable``: entries of a journal recorded for this step and setup (None: none there). ``off`` never
+    journals; a journal to resume is always used otherwise; ``on`` always journals; ``auto`` journals a step
+    predicted to take at least :data:`AUTO_MIN_SECONDS` when its journal fits in half the free disk.
+    """
+    from flatlens.measure.memory import _bytes
+
+    if mode == "off":
+        return False, (f"--journal off leaves the journal of a killed run ({resumable} HVP calls) unused" if resumable
+                       else "")
+    if resumable:
+        return True, f"resumes the journal of a killed run ({resumable} HVP calls recorded; replayed where their inputs match)"
+    if mode == "on" or (eta_seconds >= AUTO_MIN_SECONDS and (free is None or size <= free // 2)):
+        return True, f"journal of its HVPs on disk, <= {_bytes(size)}, removed when done (a killed run resumes)"
+    if eta_seconds >= AUTO_MIN_SECONDS:
+        return False, f"no journal: its <= {_bytes(size)} do not fit in half the free disk ({_bytes(free or 0)}); --journal on"
+    return False, ""

@@ -1,0 +1,249 @@
+"""A measure killed part-way resumes from its HVP journal and returns what the uninterrupted run returns.
+
+Before the journal, a kill during a measure lost every HVP it had spent (only finished measures were kept):
+on ResNet-18 at 512 samples a trace is an hour of CPU time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import flatlens as fl
+from flatlens.measure.journal import HvpJournal, input_sha256
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfter:
+    """A progress callback that stops the measure after ``n`` operator applications (as a kill would)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def __call__(self, k: int) -> None:
+        self.seen += k
+        if self.seen >= self.n:
+            raise _Killed
+
+
+def _objective(run, samples: int = 48, **kw):
+    return fl.Objective(fl.load_checkpoint(run / "model.pt"), samples=samples, kernel="double_backward", **kw)
+
+
+MEASURES = {
+    "eigenvalues": (lambda obj, **kw: fl.hessian.eigenvalues(obj, k=3, tol=1e-6, max_iter=30, **kw), 9),
+    "trace": (lambda obj, **kw: fl.hessian.trace(obj, rtol=None, max_hvp=24, **kw), 13),
+    "density": (lambda obj, **kw: fl.hessian.density(obj, n_probes=2, n_steps=8, **kw), 5),  # blocks of 2 columns
+}
+
+
+def _values(res) -> list[np.ndarray]:
+    keys = ("eigenvalues", "eigenvalue_residuals", "trace", "trace_samples", "trace_stderr", "density/values")
+    datasets, attrs = res.to_store()
+    return [np.asarray(datasets[k]) for k in keys if k in datasets] + [np.asarray(res.n_hvp)]
+
+
+@pytest.mark.parametrize("name", list(MEASURES))
+def test_a_killed_measure_resumes_from_its_journal_with_the_uninterrupted_result(tiny_run, tmp_path, name):
+    measure, kill_at = MEASURES[name]
+    whole = _objective(tiny_run)
+    reference = measure(whole)
+    spent = whole.n_hvp
+    assert spent > kill_at
+
+    obj = _objective(tiny_run)
+    jdir = tmp_path / "j"
+    with pytest.raises(_Killed):
+        with obj.journal(jdir):
+            measure(obj, progress=_KillAfter(kill_at))
+    assert jdir.is_dir() and len(list(jdir.glob("hvp_*.pt"))) == (kill_at if name != "density" else kill_at // 2 + 1)
+    assert obj.n_hvp_replayed == 0
+
+    again = _objective(tiny_run)  # a new process would build a new Objective
+    with again.journal(jdir) as jr:
+        resumed = measure(again)
+    assert jr.replayed == jr.found > 0
+    # bitwise the uninterrupted result, including its HVP count; only the missing products were computed
+    for a, b in zip(_values(reference), _values(resumed)):
+        assert np.array_equal(a, b), name
+    assert again.n_hvp_replayed >= kill_at and again.n_hvp + again.n_hvp_replayed == spent
+    prefix = {"eigenvalues": "eigenvalue_", "trace": "trace_", "density": "density_"}[name]
+    assert resumed.to_store()[1][f"{prefix}replayed_hvp"] == again.n_hvp_replayed
+    assert reference.to_store()[1][f"{prefix}replayed_hvp"] == 0 and "replayed" in repr(resumed)
+    assert not jdir.exists()  # finished: removed
+
+
+def test_a_journal_never_replays_a_product_of_another_input_or_another_hessian(tiny_run, tmp_path):
+    jdir = tmp_path / "j"
+    obj = _objective(tiny_run)
+    with pytest.raises(_Killed):
+        with obj.journal(jdir):
+            fl.hessian.trace(obj, rtol=None, max_hvp=16, progress=_KillAfter(10))
+    # another seed: the first probe differs, nothing is replayed, and the result is that seed's own
+    other = _objective(tiny_run)
+    with other.journal(jdir) as jr:
+        seeded = fl.hessian.trace(other, rtol=None, max_hvp=16, seed=1)
+    assert jr.found == 10 and jr.replayed == 0 and other.n_hvp == 16
+    plain = fl.hessian.trace(_objective(tiny_run), rtol=None, max_hvp=16, seed=1)
+    assert seeded.estimate == plain.estimate
+
+    # another sample subset is another Hessian: the journal is discarded when opened
+    obj = _objective(tiny_run)
+    with pytest.raises(_Killed):
+        with obj.journal(jdir):
+            fl.hessian.trace(obj, rtol=None, max_hvp=16, progress=_KillAfter(6))
+    subset = _objective(tiny_run, samples=40)
+    with subset.journal(jdir) as jr:
+        fl.hessian.trace(subset, rtol=None, max_hvp=16)
+    assert jr.found == 0 and jr.replayed == 0
+
+    # a recorded output is only used for the input it was recorded for
+    jr = HvpJournal(tmp_path / "k", {"x": 1})
+    v = torch.arange(4.0)
+    out, replayed = jr.apply(v, lambda u: 2 * u)
+    assert not replayed and torch.equal(out, 2 * v)
+    again = HvpJournal(tmp_path / "k", {"x": 1})
+    assert again.found == 1
+    out, replayed = again.apply(v + 1e-7, lambda u: 3 * u)
+    assert not replayed and torch.equal(out, 3 * (v + 1e-7))
+    assert input_sha256(v) != input_sha256(v.double()) and input_sha256(v) != input_sha256(v.reshape(2, 2))
+    assert HvpJournal(tmp_path / "k", {"x": 2}).found == 0  # another identity: discarded
+
+
+def test_a_resumed_journal_uses_the_killed_runs_kernel_and_stops_recording_on_a_full_disk(tiny_run, tmp_path,
+                                                                                         monkeypatch):
+    jdir = tmp_path / "j"
+    obj = _objective(tiny_run)
+    with pytest.raises(_Killed):
+        with obj.journal(jdir):
+            fl.hessian.eigenvalues(obj, k=2, max_iter=20, progress=_KillAfter(4))
+    assert json.loads((jdir / "journal.json").read_text())["kernel"] == "double_backward"
+    auto = fl.Objective(fl.load_checkpoint(tiny_run / "model.pt"), samples=48)  # kernel "auto"
+    with auto.journal(jdir) as jr:
+        assert auto.hvp_engine.kernel == "double_backward" and auto.hvp_engine.selection is None
+        fl.hessian.eigenvalues(auto, k=2, max_iter=20)
+    assert jr.replayed == 4
+
+    import flatlens.measure.journal as J
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    obj = _objective(tiny_run)
+    with obj.journal(jdir) as jr:
+        monkeypatch.setattr(J, "atomic_write_bytes", full)
+        with pytest.warns(RuntimeWarning, match="stopped recording .No space left on device"):
+            res = fl.hessian.eigenvalues(obj, k=2, max_iter=20)
+    assert res.all_converged and jr.recorded == 0
+    with pytest.raises(fl.FlatlensError, match="already open"):
+        with obj.journal(jdir), obj.journal(tmp_path / "other"):
+            pass
+
+
+def test_a_killed_sharpness_command_resumes_its_measure_from_the_journal(tiny_run, tmp_path):
+    """``flatlens sharpness`` killed (SIGKILL) during the trace's probes: the rerun of the same command replays the
+    recorded HVPs, computes the rest, and stores what an uninterrupted run stores."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import h5py
+    from conftest import REPO, flatlens_cmd
+
+    out = tmp_path / "a.h5"
+    jdir = tmp_path / "a.h5.journal" / "trace"
+    args = ["sharpness", str(tiny_run / "model.pt"), "--measures", "trace", "--samples", "64", "--kernel",
+            "graph_reuse", "--batch-size", "32", "--max-hvp", "300", "--trace-rtol", "0",
+            "--progress-every", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "flatlens", *args, "--journal", "on", "--out", str(out)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(list(jdir.glob("hvp_*.pt"))) < 20:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()  # still at its probes
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    recorded = len(list(jdir.glob("hvp_*.pt")))
+    assert 20 <= recorded < 300 and not (out.exists() and "hessian" in h5py.File(out, "r"))
+
+    import shutil
+
+    shutil.copytree(tmp_path / "a.h5.journal", tmp_path / "b.h5.journal")  # for the --journal off run below
+    again = flatlens_cmd(*args, "--out", str(out))  # the same command (--journal auto): the journal is resumed
+    assert again.returncode == 0, again.stderr
+    assert f"resumes the journal of a killed run ({recorded} HVP calls recorded" in again.stdout
+    done = [line for line in again.stdout.splitlines() if line.startswith("[trace] done")][0]
+    assert "more replayed from the journal)" in done, done
+    assert not (tmp_path / "a.h5.journal").exists()
+
+    fresh = flatlens_cmd(*args, "--journal", "off", "--out", str(tmp_path / "b.h5"))  # measured whole
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"--journal off leaves the journal of a killed run ({recorded} HVP calls) unused" in fresh.stdout
+    assert len(list((tmp_path / "b.h5.journal" / "trace").glob("hvp_*.pt"))) == recorded  # untouched
+    resumed, whole = fl.hessian.read(out), fl.hessian.read(tmp_path / "b.h5")
+    for key in ("trace", "trace_samples", "trace_stderr", "layer_traces"):
+        assert np.array_equal(resumed[key], whole[key]), key
+    assert resumed["attrs"]["trace_n_hvp"] == whole["attrs"]["trace_n_hvp"] == 300
+    assert resumed["attrs"]["trace_replayed_hvp"] >= recorded and whole["attrs"]["trace_replayed_hvp"] == 0
+    assert "replayed from a journal)" in again.stdout.split("\nsummary", 1)[1]
+
+
+def _dist_worker(rank: int, world: int, init: str, model, batches, jdirs, kill_at: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from flatlens.measure.objective import Objective
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        def obj():
+            return Objective(model, batches=batches[rank::world], kernel="graph_reuse")
+
+        def measure(o, **kw):
+            return fl.hessian.trace(o, rtol=None, max_hvp=24, seed=3, **kw)
+
+        killed = obj()
+        try:
+            with killed.journal(jdirs[rank]):  # rank 1's folder is never touched: rank 0 reads and writes
+                measure(killed, progress=_KillAfter(kill_at))
+        except _Killed:
+            pass
+        resumed_obj = obj()
+        with resumed_obj.journal(jdirs[rank]) as jr:
+            resumed = measure(resumed_obj)
+        whole = measure(obj())
+        if rank == 0:
+            torch.save({"resumed": _values(resumed), "whole": _values(whole), "replayed": jr.replayed,
+                        "found": jr.found, "n_hvp": resumed_obj.n_hvp, "n_replayed": resumed_obj.n_hvp_replayed}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torch_distributed_rank_0_keeps_the_journal_and_broadcasts_the_replay(tmp_path):
+    import torch.multiprocessing as mp
+    from test_hessian import _bn_cnn, _data
+
+    model = _bn_cnn().float()
+    batches = [(x.float(), y) for x, y in _data(n=64, bs=16)]
+    jdirs = [str(tmp_path / "j0"), str(tmp_path / "j1")]
+    out = str(tmp_path / "res.pt")
+    mp.spawn(_dist_worker, args=(2, f"file://{tmp_path / 'pg'}", model, batches, jdirs, 9, out), nprocs=2, join=True)
+    res = torch.load(out, weights_only=False)
+    assert res["found"] == 9 and res["replayed"] == 9 and res["n_replayed"] == 9 and res["n_hvp"] == 24 - 9
+    for a, b in zip(res["resumed"], res["whole"]):
+        assert np.array_equal(a, b)
+    assert not (tmp_path / "j0").exists() and not (tmp_path / "j1").exists()
