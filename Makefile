@@ -51,6 +51,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/bench_hessian.py --quick
 	$(PY) benchmarks/bench_eig_stop.py --quick
 	$(PY) benchmarks/bench_landscape.py --quick
+	$(PY) benchmarks/bench_journal.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -42,15 +42,19 @@ def temp_file_beside(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync, and rename it over ``path``."""
+def atomic_write_bytes(path: Path, write: Callable[[Any], Any], *, fsync: bool = True) -> None:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync, and rename it over ``path``.
+
+    ``fsync=False`` for files a reader validates anyway (a journal entry): the rename still means a killed
+    process leaves the old file or the whole new one; only a machine crash can leave a truncated one."""
     path = Path(path)
     fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

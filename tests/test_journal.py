@@ -108,10 +108,17 @@ def test_a_journal_never_replays_a_product_of_another_input_or_another_hessian(t
     v = torch.arange(4.0)
     out, replayed = jr.apply(v, lambda u: 2 * u)
     assert not replayed and torch.equal(out, 2 * v)
+    v.add_(1)  # the caller reuses its tensors in place: the entry holds the values of the call
+    out.zero_()
+    jr.flush()  # entries are written by a thread
+    v.sub_(1)
     again = HvpJournal(tmp_path / "k", {"x": 1})
     assert again.found == 1
     out, replayed = again.apply(v + 1e-7, lambda u: 3 * u)
     assert not replayed and torch.equal(out, 3 * (v + 1e-7))
+    again.flush()
+    out, replayed = HvpJournal(tmp_path / "k", {"x": 1}).apply(v + 1e-7, lambda u: 4 * u)
+    assert replayed and torch.equal(out, 3 * (v + 1e-7))  # the rewritten entry, recorded for this input
     assert input_sha256(v) != input_sha256(v.double()) and input_sha256(v) != input_sha256(v.reshape(2, 2))
     assert HvpJournal(tmp_path / "k", {"x": 2}).found == 0  # another identity: discarded
 
@@ -247,3 +254,24 @@ def test_under_torch_distributed_rank_0_keeps_the_journal_and_broadcasts_the_rep
     for a, b in zip(res["resumed"], res["whole"]):
         assert np.array_equal(a, b)
     assert not (tmp_path / "j0").exists() and not (tmp_path / "j1").exists()
+
+
+def test_when_flatlens_sharpness_keeps_a_journal(tmp_path):
+    from flatlens.measure.journal import decide, write_seconds
+
+    def never() -> float:
+        raise AssertionError("timed a write it did not need")
+
+    kw = dict(resumable=None, size=10 * 2**20, free=2**40, hvp_seconds=1.0)
+    assert decide("auto", eta_seconds=30, write_time=never, **kw) == (False, "")  # cheaper to run again
+    on, why = decide("auto", eta_seconds=600, write_time=lambda: 0.05, **kw)
+    assert on and "journal of its HVPs on disk, <= 10.0 MiB" in why
+    on, why = decide("auto", eta_seconds=600, write_time=lambda: 0.2, **kw)
+    assert not on and "recording a product (0.20 s) would add over 10% to computing it (1.00 s); --journal on" in why
+    on, why = decide("auto", eta_seconds=600, write_time=never, **{**kw, "free": 15 * 2**20})
+    assert not on and "do not fit in half the free disk (15.0 MiB)" in why
+    assert decide("on", eta_seconds=1, write_time=never, **{**kw, "free": 0})[0]
+    assert decide("auto", eta_seconds=1, write_time=never, **{**kw, "resumable": 7})[0]  # always resumed
+    assert decide("off", eta_seconds=600, write_time=never, **kw) == (False, "")
+    assert not decide("off", eta_seconds=600, write_time=never, **{**kw, "resumable": 7})[0]
+    assert 0 < write_seconds(tmp_path, 1000, torch.float32) < 60 and not list(tmp_path.iterdir())

@@ -208,8 +208,11 @@ def run(args: argparse.Namespace) -> int:
             journaled, why = (False, "")
             if est.n_hvp:
                 size = J.predicted_bytes(est.n_hvp, obj.space.numel, obj.space.params[0].element_size())
-                journaled, why = J.decide(args.journal, resumable=resumable[0] if resumable else None,
-                                          eta_seconds=eta, size=size, free=J.free_bytes(jdir) if ctx.is_main else None)
+                journaled, why = J.decide(
+                    args.journal, resumable=resumable[0] if resumable else None, eta_seconds=eta, size=size,
+                    free=J.free_bytes(jdir) if ctx.is_main else None, hvp_seconds=hvp_s,
+                    write_time=lambda: J.write_seconds(out.parent, obj.space.numel, obj.space.params[0].dtype)
+                    if ctx.is_main else 0.0)
             say(f"[{name}] predicted cost: {'at most ' if est.at_most else ''}{est.n_hvp} HVPs, {est.n_forward} "
                 "forward passes" + (f", {est.n_grad} gradients" if est.n_grad else "")
                 + f" {'<=' if est.at_most else '≈'} {_fmt_seconds(eta)}"

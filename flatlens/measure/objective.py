@@ -560,6 +560,7 @@ class Objective:
             yield jr
         finally:
             self._journal = None
+            jr.flush()  # what was computed before an interruption is on disk for the rerun
         jr.remove()
 
     def _global(self, local_mean: Tensor) -> Tensor:
