@@ -186,6 +186,10 @@ def test_a_killed_sharpness_command_resumes_its_measure_from_the_journal(tiny_ru
     recorded = len(list(jdir.glob("hvp_*.pt")))
     assert 20 <= recorded < 300 and not (out.exists() and "hessian" in h5py.File(out, "r"))
 
+    info = flatlens_cmd("info", str(out))  # what the killed run left
+    assert info.returncode == 0, info.stderr
+    assert f"unfinished        trace: {recorded} HVP calls (" in info.stdout and "rerun the same flatlens sharpness" in info.stdout
+    assert json.loads(flatlens_cmd("info", str(out), "--json").stdout)["journals"]["trace"]["hvp_calls"] == recorded
     import shutil
 
     shutil.copytree(tmp_path / "a.h5.journal", tmp_path / "b.h5.journal")  # for the --journal off run below

@@ -77,12 +77,16 @@ def _analysis(path: Path, as_json: bool) -> int:
 
     store.check_file(path)
     measured = store.groups(path)
+    from flatlens.measure.journal import pending
+    from flatlens.measure.memory import _bytes
+
     with store.open_h5(path, "r") as f:
         root = {k: store._decode(v) for k, v in f.attrs.items() if k != "config"}
         groups = {name: _group_summary(f[name]) for name in measured}
+    journals = pending(path)
     if as_json:
-        print(json.dumps({"path": str(path), "attrs": root, "groups": groups}, indent=2, sort_keys=True,
-                         default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v)))
+        print(json.dumps({"path": str(path), "attrs": root, "groups": groups, "journals": journals}, indent=2,
+                         sort_keys=True, default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v)))
         return 0
     print(f"{'path':<17} {path}")
     print(f"{'format':<17} {root.get('format')} schema {root.get('schema_version')}, written by flatlens "
@@ -101,6 +105,9 @@ def _analysis(path: Path, as_json: bool) -> int:
             print(f"  {key:<15} {lines[0]}")
             for line in lines[1:]:
                 print(f"  {'':<15} {line}")
+    for step, j in journals.items():  # a measure killed part-way (flatlens sharpness --journal)
+        print(f"{'unfinished':<17} {step}: {j['hvp_calls']} HVP calls ({_bytes(j['bytes'])}) in the journal of a killed "
+              f"run, {path.name}.journal/{step}; rerun the same flatlens sharpness command to resume it, or delete it")
     return 0
 
 

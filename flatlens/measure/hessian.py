@@ -258,9 +258,10 @@ class _Stored:
         return f" (+ {self.shared_hvp} of the density's, reused)" if self.shared_hvp else ""
 
     def _replayed(self) -> str:
-        """For a summary's cost row: how many of ``n_hvp`` a resumed run replayed from its journal."""
+        """For a summary's cost row: how many HVPs the run that made this result (for measures run together: the
+        shared run) replayed from its journal."""
         k = int(self.provenance.get("replayed_hvp", 0))
-        return f" ({k} replayed from a journal)" if k else ""
+        return f" ({k} of the run's replayed from a journal)" if k else ""
 
     def _costs(self, prefix: str) -> dict[str, Any]:
         return {f"{prefix}n_hvp": int(self.n_hvp), f"{prefix}seconds": float(self.seconds),

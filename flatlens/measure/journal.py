@@ -40,7 +40,7 @@ from torch import Tensor
 from flatlens import distributed as D
 from flatlens.atomic import atomic_write_bytes, atomic_write_text
 
-__all__ = ["HvpJournal", "input_sha256", "recorded", "IDENTITY_LEFT_OUT"]
+__all__ = ["HvpJournal", "input_sha256", "recorded", "pending", "IDENTITY_LEFT_OUT"]
 
 META = "journal.json"
 IDENTITY_LEFT_OUT = ("device", "world_size", "hvp_kernel", "checkpoint")
@@ -227,6 +227,17 @@ def journal_dir(out: str | Path, step: str) -> Path:
     """Where ``flatlens sharpness`` keeps the journal of ``step`` for the analysis file ``out``."""
     out = Path(out)
     return out.with_name(out.name + ".journal") / step
+
+
+def pending(out: str | Path) -> dict[str, dict[str, int]]:
+    """The journals a killed ``flatlens sharpness`` left beside the analysis file ``out``: per step, the HVP
+    calls recorded and their bytes on disk (for ``flatlens info``)."""
+    folder = Path(out).with_name(Path(out).name + ".journal")
+    found: dict[str, dict[str, int]] = {}
+    for step in sorted(p for p in folder.glob("*") if (p / META).is_file()):
+        entries = list(step.glob("hvp_*.pt"))
+        found[step.name] = {"hvp_calls": len(entries), "bytes": sum(e.stat().st_size for e in entries)}
+    return found
 
 
 def predicted_bytes(n_hvp: int, n_params: int, itemsize: int) -> int:
