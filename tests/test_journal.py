@@ -103,6 +103,24 @@ def test_a_journal_never_replays_a_product_of_another_input_or_another_hessian(t
         fl.hessian.trace(subset, rtol=None, max_hvp=16)
     assert jr.found == 0 and jr.replayed == 0
 
+    # a model of one's own changed between two runs of a notebook cell (same data, names and seeded first probe)
+    from test_hessian import _bn_cnn, _data
+
+    model = _bn_cnn().float()
+    batches = [(x.float(), y) for x, y in _data(n=32, bs=16)]
+    own = fl.Objective(model, batches=batches, kernel="double_backward")
+    with pytest.raises(_Killed):
+        with own.journal(jdir):
+            fl.hessian.eigenvalues(own, k=1, max_iter=10, progress=_KillAfter(3))
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)  # trained further
+    changed = fl.Objective(model, batches=batches, kernel="double_backward")
+    with changed.journal(jdir) as jr:
+        res = fl.hessian.eigenvalues(changed, k=1, max_iter=10)
+    assert jr.found == 0 and jr.replayed == 0
+    assert res.values[0] == fl.hessian.eigenvalues(fl.Objective(model, batches=batches, kernel="double_backward"),
+                                                   k=1, max_iter=10).values[0]
+
     # a recorded output is only used for the input it was recorded for
     jr = HvpJournal(tmp_path / "k", {"x": 1})
     v = torch.arange(4.0)

@@ -521,7 +521,12 @@ class Objective:
         """What pins the Hessian a journal of this Objective holds products of (see :mod:`~flatlens.measure.journal`)."""
         from flatlens.measure.journal import IDENTITY_LEFT_OUT
 
+        from flatlens.measure.params import model_state_hash
+
         info = {k: v for k, v in self.describe().items() if k not in IDENTITY_LEFT_OUT}
+        # the weights themselves: a notebook's model has no checkpoint sha256, and one trained further between
+        # two runs of a cell has the same names, data and seeded first probe as before
+        info["model_state_sha256"] = model_state_hash(self.model)
         info["param_names"] = list(self.space.names)
         info["n_params"] = self.space.numel
         info["dtype"] = str(self.space.dtype)
