@@ -279,7 +279,7 @@ def test_under_torch_distributed_rank_0_keeps_the_journal_and_broadcasts_the_rep
 
 
 def test_when_flatlens_sharpness_keeps_a_journal(tmp_path):
-    from flatlens.measure.journal import decide, write_seconds
+    from flatlens.measure.journal import Recorded, decide, write_seconds
 
     def never() -> float:
         raise AssertionError("timed a write it did not need")
@@ -293,7 +293,61 @@ def test_when_flatlens_sharpness_keeps_a_journal(tmp_path):
     on, why = decide("auto", eta_seconds=600, write_time=never, **{**kw, "free": 15 * 2**20})
     assert not on and "do not fit in half the free disk (15.0 MiB)" in why
     assert decide("on", eta_seconds=1, write_time=never, **{**kw, "free": 0})[0]
-    assert decide("auto", eta_seconds=1, write_time=never, **{**kw, "resumable": 7})[0]  # always resumed
+    seven = Recorded(7, "graph_reuse", ())
+    on, why = decide("auto", eta_seconds=1, write_time=never, **{**kw, "resumable": seven})  # always resumed
+    assert on and "resumes the journal of a killed run (7 HVP calls recorded; replayed where" in why
+    on, why = decide("auto", eta_seconds=1, write_time=never, **{**kw, "resumable": Recorded(0, None, ("gauss_newton",))})
+    assert on and "(the partial gauss-newton sum recorded; goes on from there)" in why
+    assert decide("auto", eta_seconds=600, write_time=never, **{**kw, "hvp_seconds": None})[0]  # no HVPs: a small state
     assert decide("off", eta_seconds=600, write_time=never, **kw) == (False, "")
-    assert not decide("off", eta_seconds=600, write_time=never, **{**kw, "resumable": 7})[0]
+    assert not decide("off", eta_seconds=600, write_time=never, **{**kw, "resumable": seven})[0]
     assert 0 < write_seconds(tmp_path, 1000, torch.float32) < 60 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("per_sample", ["auto", "loop"])
+def test_a_killed_gauss_newton_trace_goes_on_from_its_saved_partial_sum(tiny_run, tmp_path, monkeypatch, per_sample):
+    """The exact trace spends no HVPs but C - 1 backward passes per sample (344 on DomainNet): its partial sum is
+    saved to the journal, and a rerun goes on from the last saved sample, in the forms the killed run chose."""
+    import flatlens.measure.gauss_newton as GN
+
+    monkeypatch.setattr(GN, "SAVE_EVERY", 0.0)  # save after every step (30 s by default)
+
+    def measure(obj, **kw):
+        return fl.hessian.trace(obj, "gauss-newton", per_sample=per_sample, **kw)
+
+    def objective():
+        return fl.Objective(fl.load_checkpoint(tiny_run / "model.pt"), samples=40, batch_size=16)
+
+    whole = measure(objective())
+    obj = objective()
+    jdir = tmp_path / "j"
+    with pytest.raises(_Killed):
+        with obj.journal(jdir):
+            measure(obj, progress=_KillAfter(21))
+    assert (jdir / "state_gauss_newton.pt").is_file() and not list(jdir.glob("hvp_*.pt"))
+    again = objective()
+    seen = []
+    with again.journal(jdir):
+        resumed = measure(again, progress=seen.append)
+    assert again._hvp is None  # no HVP engine (no kernel timing) for a measure without HVPs
+    assert seen[0] >= 21 and sum(seen) == 40 and resumed.details["resumed_samples"] == seen[0]
+    if per_sample == "loop":  # "auto" chooses vmap or loop by timing, which may differ between the two runs
+        assert resumed.estimate == whole.estimate and np.array_equal(resumed.layers.estimates, whole.layers.estimates)
+    else:
+        assert resumed.estimate == pytest.approx(whole.estimate, rel=1e-6)
+    assert resumed.details["n_backward"] == whole.details["n_backward"] and whole.details["resumed_samples"] == 0
+    assert resumed.details["per_sample"] in ("vmap", "loop")
+    assert f"({seen[0]} samples from a killed run's journal)" in repr(resumed)
+    assert resumed.to_store()[1]["trace_resumed_samples"] == seen[0]
+    assert not jdir.exists()
+
+
+def test_the_cli_journals_a_gauss_newton_trace_by_its_partial_sum(tiny_run, tmp_path, capsys):
+    from flatlens.cli import main
+
+    out = tmp_path / "g.h5"
+    assert main(["sharpness", str(tiny_run / "model.pt"), "--measures", "trace", "--trace-method", "gauss-newton",
+                 "--samples", "32", "--journal", "on", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "journal of its partial sum on disk (0.0 MiB, saved every 30 s), removed when done" in said
+    assert not (tmp_path / "g.h5.journal").exists() and fl.hessian.read(out)["attrs"]["trace_resumed_samples"] == 0

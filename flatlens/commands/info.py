@@ -77,7 +77,7 @@ def _analysis(path: Path, as_json: bool) -> int:
 
     store.check_file(path)
     measured = store.groups(path)
-    from flatlens.measure.journal import pending
+    from flatlens.measure.journal import Recorded, pending
     from flatlens.measure.memory import _bytes
 
     with store.open_h5(path, "r") as f:
@@ -106,8 +106,9 @@ def _analysis(path: Path, as_json: bool) -> int:
             for line in lines[1:]:
                 print(f"  {'':<15} {line}")
     for step, j in journals.items():  # a measure killed part-way (flatlens sharpness --journal)
-        print(f"{'unfinished':<17} {step}: {j['hvp_calls']} HVP calls ({_bytes(j['bytes'])}) in the journal of a killed "
-              f"run, {path.name}.journal/{step}; rerun the same flatlens sharpness command to resume it, or delete it")
+        held = Recorded(j["hvp_calls"], None, tuple(j["states"])).describe()
+        print(f"{'unfinished':<17} {step}: {held} ({_bytes(j['bytes'])}) in the journal of a killed run, "
+              f"{path.name}.journal/{step}; rerun the same flatlens sharpness command to resume it, or delete it")
     return 0
 
 

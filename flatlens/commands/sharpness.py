@@ -193,10 +193,10 @@ def run(args: argparse.Namespace) -> int:
             est = step.estimate(obj, args)
             jdir = J.journal_dir(out, "+".join(sorted(step.members)))  # --measures' order changes nothing
             resumable = None
-            if est.n_hvp:  # a killed run's journal: its kernel, before the kernels are timed
+            if est.n_hvp or est.state_bytes:  # a killed run's journal: its kernel, before the kernels are timed
                 resumable = D.broadcast_object(ctx, J.recorded(jdir, _journal_identity(obj, fp)) if ctx.is_main
                                                else None)
-            pinned = bool(resumable and resumable[1] and args.journal != "off" and obj.prefer_kernel(resumable[1]))
+            pinned = bool(resumable and resumable.kernel and args.journal != "off" and obj.prefer_kernel(resumable.kernel))
             hvp_s = _hvp_seconds(obj, t_forward) if est.n_hvp else 0.0
             if est.n_hvp and (not kernel_said or pinned):
                 say(_kernel_line(obj) + (" (the killed run's, from its journal)" if pinned else ""))
@@ -206,11 +206,11 @@ def run(args: argparse.Namespace) -> int:
                 t_pass, t_draw = _vector_seconds(obj)
                 eta += est.n_vector * t_pass + est.n_draw * t_draw
             journaled, why = (False, "")
-            if est.n_hvp:
-                size = J.predicted_bytes(est.n_hvp, obj.space.numel, obj.space.params[0].element_size())
+            if est.n_hvp or est.state_bytes:
+                size = J.predicted_bytes(est.n_hvp, obj.space.numel, obj.space.params[0].element_size()) + est.state_bytes
                 journaled, why = J.decide(
-                    args.journal, resumable=resumable[0] if resumable else None, eta_seconds=eta, size=size,
-                    free=J.free_bytes(jdir) if ctx.is_main else None, hvp_seconds=hvp_s,
+                    args.journal, resumable=resumable, eta_seconds=eta, size=size,
+                    free=J.free_bytes(jdir) if ctx.is_main else None, hvp_seconds=hvp_s if est.n_hvp else None,
                     write_time=lambda: J.write_seconds(out.parent, obj.space.numel, obj.space.params[0].dtype)
                     if ctx.is_main else 0.0)
             say(f"[{name}] predicted cost: {'at most ' if est.at_most else ''}{est.n_hvp} HVPs, {est.n_forward} "

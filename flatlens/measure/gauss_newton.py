@@ -97,6 +97,7 @@ class GaussNewtonDiagonal:
     seconds: float
     per_sample: str = "loop"  # how they were formed: "vmap", "loop" or "loop (vmap failed: ...)"
     selection: str = ""  # per_sample="auto": the per-sample times it chose by
+    resumed_samples: int = 0  # samples a killed run had summed, taken from its journal (Objective.journal)
 
     @property
     def trace(self) -> float:
@@ -288,6 +289,16 @@ class _Steps:
         self.vmapped = False
         self.failed = ""
 
+    RESUMED = ("trials", "mode", "per_sample_s", "columns_per_sample", "vmapped", "failed")
+    """What a resumed diagonal restores, so the remaining samples go through the forms the killed run chose."""
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.RESUMED}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for k in self.RESUMED:
+            setattr(self, k, state[k])
+
     @property
     def used(self) -> str:
         """The form the bulk of the samples went through (what is stored as ``per_sample``)."""
@@ -334,9 +345,13 @@ class _Steps:
             return int(X.shape[0])
 
 
+SAVE_EVERY = 30.0
+"""Seconds between saves of the partial diagonal to an open journal (a save writes one float64 vector)."""
+
+
 def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, check_rtol: float = 1e-3, seed: int = 0,
                      per_sample: str = "auto", chunk: int | None = None,
-                     progress: Callable[[int], Any] | None = None) -> GaussNewtonDiagonal:
+                     progress: Callable[[int], Any] | None = None, save_every: float | None = None) -> GaussNewtonDiagonal:
     """The exact Hessian diagonal of ``obj`` (an :class:`~flatlens.measure.objective.Objective`) via ``diag(G)``.
 
     Args:
@@ -349,6 +364,11 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
             first samples and keeps the faster (see :class:`_Steps`). The result is the same to rounding.
         chunk: samples per ``vmap`` chunk (default: what fits 256 MiB of per-sample gradients).
         progress: called with the number of samples just done (for a progress bar over samples).
+        save_every: inside :meth:`Objective.journal <flatlens.measure.objective.Objective.journal>`, seconds
+            (default :data:`SAVE_EVERY`) between saves of the partial sum (one float64 parameter-sized vector) to the journal; a rerun in
+            the same journal goes on from the last saved sample, in the forms (vmap/loop) the killed run chose,
+            so the diagonal is the uninterrupted run's bitwise. Not under torch.distributed (each rank holds
+            its own partial sum; a rerun starts afresh).
 
     Under torch.distributed each rank does its own samples and the diagonal is all-reduced.
     """
@@ -368,14 +388,40 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
             raise _not_piecewise_linear(pl)
     diag = torch.zeros(obj.space.numel, dtype=torch.float64, device=obj.device)  # summed in float64
     n_backward = 0
+    at = (0, 0)  # (batch, first sample not yet in diag)
+    journal = getattr(obj, "_journal", None) if not obj.ctx.distributed else None  # ranks keep their own sums
+    key = {"n_samples": obj.n_samples, "numel": obj.space.numel, "per_sample": per_sample, "size": steps.size,
+           "batches": [int(y.shape[0]) for _, y in obj.batches]}
+    saved = journal.load_state("gauss_newton") if journal is not None else None
+    resumed = 0
+    if saved is not None and saved.get("key") == key:  # a killed run's partial sum: go on from its last sample
+        diag.copy_(saved["diag"])
+        n_backward, at, resumed = int(saved["n_backward"]), tuple(saved["at"]), int(saved["done"])
+        steps.restore(saved["steps"])
+        if progress is not None and resumed:
+            progress(resumed)
+
+    def save(done: int) -> None:
+        if journal is not None:
+            journal.save_state("gauss_newton", {"key": key, "diag": diag.cpu(), "n_backward": n_backward,
+                                                "at": list(at), "done": done, "steps": steps.state()})
+
+    save_every = SAVE_EVERY if save_every is None else save_every
+    done_total, last_save = resumed, time.monotonic()
     with obj._eval():
-        for x, _y in obj.batches:
-            start = 0
+        for b in range(at[0], len(obj.batches)):
+            x = obj.batches[b][0]
+            start = at[1] if b == at[0] else 0
             while start < x.shape[0]:
                 done = steps.run(x, start)
                 n_backward += steps.columns
                 diag += torch.cat([a.reshape(-1) for a in steps.part]).double()
                 start += done
+                done_total += done
+                at = (b, start) if start < x.shape[0] else (b + 1, 0)
+                if journal is not None and time.monotonic() - last_save >= save_every:
+                    save(done_total)
+                    last_save = time.monotonic()
                 if progress is not None:
                     progress(done)
     D.all_reduce_sum(obj.ctx, diag)
@@ -386,7 +432,8 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
         raise FlatlensError("the Gauss-Newton diagonal is not finite (the model produced inf/nan logits); "
                             "check the checkpoint")
     return GaussNewtonDiagonal(diagonal=diag, check=pl, n_backward=int(nb), n_samples=obj.n_samples,
-                               seconds=time.perf_counter() - t0, per_sample=steps.used, selection=steps.selection)
+                               seconds=time.perf_counter() - t0, per_sample=steps.used, selection=steps.selection,
+                               resumed_samples=resumed)
 
 
 def _detached(leaves: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -542,6 +542,8 @@ class TraceEstimate(_Stored):
                              "quantized layers"))
         extra = (f", {self.details['n_backward']} per-sample vector-Jacobian products ({self.details.get('per_sample')})"
                  if "n_backward" in self.details else "")
+        if self.details.get("resumed_samples"):
+            extra += f" ({self.details['resumed_samples']} samples from a killed run's journal)"
         rows.append(("trace cost", f"{self.n_hvp} HVPs{self._reused()}{self._replayed()}{extra}, {self.seconds:.2f} s, {self.method}"))
         return rows
 
@@ -1091,6 +1093,7 @@ def _gauss_newton_trace(src: _Source, seed: int, *, layers: str, blocks: Sequenc
     res = _trace_estimate(raw, src, bl, 0, gn.seconds, seed, method="gauss-newton", rtol=None, max_hvp=0, level=0.95,
                           layer_rtol=None, layer_floor=0.01)
     res.details = {"n_backward": gn.n_backward, "per_sample": gn.per_sample, "per_sample_selection": gn.selection,
+                   "resumed_samples": gn.resumed_samples,
                    "check": True, "check_max_ratio": pl.max_ratio, "check_worst": pl.worst, "check_rtol": pl.rtol, "check_samples": pl.n_samples,
                    "identity": "tr(H) = tr(GGN): exact for piecewise-linear networks (per-tensor Hessian blocks "
                                "equal the Gauss-Newton blocks)"}

@@ -221,7 +221,8 @@ def _register() -> None:
         if args.trace_method == "gauss-newton":
             from flatlens.measure.gauss_newton import predicted_seconds
 
-            return Estimate(seconds=predicted_seconds(obj, per_sample=args.gauss_newton_per_sample), note="exact Gauss-Newton diagonal: C-1 per-sample "
+            return Estimate(seconds=predicted_seconds(obj, per_sample=args.gauss_newton_per_sample),
+                            state_bytes=8 * obj.space.numel, note="exact Gauss-Newton diagonal: C-1 per-sample "
                             f"vector-Jacobian products for each of {obj.n_local} samples, timed on the first ones")
         return Estimate(n_hvp=args.max_hvp, n_vector=_trace_vector_passes(args, obj.space.numel), n_draw=args.max_hvp,
                         at_most=bool(args.trace_rtol or args.layer_rtol),

@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ from torch import Tensor
 from flatlens import distributed as D
 from flatlens.atomic import atomic_write_bytes, atomic_write_text
 
-__all__ = ["HvpJournal", "input_sha256", "recorded", "pending", "IDENTITY_LEFT_OUT"]
+__all__ = ["HvpJournal", "Recorded", "input_sha256", "recorded", "pending", "IDENTITY_LEFT_OUT"]
 
 META = "journal.json"
 IDENTITY_LEFT_OUT = ("device", "world_size", "hvp_kernel", "checkpoint")
@@ -56,8 +56,24 @@ def input_sha256(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def recorded(directory: str | Path, identity: Mapping[str, Any]) -> tuple[int, str | None] | None:
-    """``(entries, kernel)`` of the journal in ``directory`` when it was recorded under ``identity``, else None.
+class Recorded(NamedTuple):
+    """What a killed run left in a journal: HVP entries, the kernel they were computed with, saved states."""
+
+    entries: int
+    kernel: str | None
+    states: tuple[str, ...]
+
+    def __bool__(self) -> bool:  # something to resume
+        return bool(self.entries or self.states)
+
+    def describe(self) -> str:
+        parts = ([f"{self.entries} HVP calls"] if self.entries else []) + [f"the partial {s.replace('_', '-')} sum"
+                                                                          for s in self.states]
+        return " and ".join(parts) or "nothing"
+
+
+def recorded(directory: str | Path, identity: Mapping[str, Any]) -> Recorded | None:
+    """What the journal in ``directory`` holds when it was recorded under ``identity``, else None.
     Reads only; :class:`HvpJournal` is what opens (and clears) one."""
     directory = Path(directory)
     try:
@@ -69,7 +85,8 @@ def recorded(directory: str | Path, identity: Mapping[str, Any]) -> tuple[int, s
     k = 0
     while _entry(directory, k).exists():
         k += 1
-    return k, meta.get("kernel")
+    states = tuple(sorted(p.stem[len("state_"):] for p in directory.glob("state_*.pt")))
+    return Recorded(k, meta.get("kernel"), states)
 
 
 def _entry(directory: Path, k: int) -> Path:
@@ -93,6 +110,7 @@ class HvpJournal:
         self.replayed = 0
         self.recorded = 0
         self.recorded_kernel: str | None = None
+        self.kernel: str | None = None  # this run's, set at its first product
         self._next = 0
         self._replaying = True
         self._writing = self.ctx.is_main
@@ -109,9 +127,9 @@ class HvpJournal:
             self._clear()
             return 0, None
         for stale in self.directory.glob("hvp_*.pt"):  # entries after a gap cannot be reached
-            if int(stale.stem.split("_")[1]) >= found[0]:
+            if int(stale.stem.split("_")[1]) >= found.entries:
                 stale.unlink(missing_ok=True)
-        return found
+        return found.entries, found.kernel
 
     def _clear(self) -> None:
         if self.directory.exists():
@@ -120,7 +138,8 @@ class HvpJournal:
         atomic_write_text(self.directory / META, json.dumps({"identity": self.identity}, sort_keys=True))
 
     def set_kernel(self, kernel: str) -> None:
-        """Record the HVP kernel the products are computed with (rank 0)."""
+        """Record the HVP kernel the products are computed with (rank 0; once, at the first product)."""
+        self.kernel = kernel
         if self._writing:
             meta = {"identity": self.identity, "kernel": kernel}
             try:
@@ -210,6 +229,29 @@ class HvpJournal:
             self._writer = None
         self._check_writer()
 
+    # -- the state of a measure that is not a sequence of HVPs (the Gauss-Newton diagonal's partial sum) ---------
+    def _state_path(self, name: str) -> Path:
+        return self.directory / f"state_{name}.pt"
+
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        """The state :meth:`save_state` last stored under ``name`` (rank 0; None on other ranks or if none)."""
+        if not self.ctx.is_main:
+            return None
+        try:
+            state = torch.load(self._state_path(name), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - missing or unreadable: start afresh
+            return None
+        return state if isinstance(state, dict) else None
+
+    def save_state(self, name: str, state: dict[str, Any]) -> None:
+        """Store a measure's resumable state (atomic rename; rank 0); a full disk stops the journal, not the measure."""
+        if not self._writing:
+            return
+        try:
+            atomic_write_bytes(self._state_path(name), lambda f: torch.save(state, f), fsync=False)
+        except OSError as exc:
+            self._stop_writing(exc)
+
     def remove(self) -> None:
         """Delete the journal's folder (its measure finished; rank 0)."""
         self.flush()
@@ -231,12 +273,13 @@ def journal_dir(out: str | Path, step: str) -> Path:
 
 def pending(out: str | Path) -> dict[str, dict[str, int]]:
     """The journals a killed ``flatlens sharpness`` left beside the analysis file ``out``: per step, the HVP
-    calls recorded and their bytes on disk (for ``flatlens info``)."""
+    calls recorded, the saved states (a partial Gauss-Newton sum) and their bytes on disk (for ``flatlens info``)."""
     folder = Path(out).with_name(Path(out).name + ".journal")
     found: dict[str, dict[str, int]] = {}
     for step in sorted(p for p in folder.glob("*") if (p / META).is_file()):
-        entries = list(step.glob("hvp_*.pt"))
-        found[step.name] = {"hvp_calls": len(entries), "bytes": sum(e.stat().st_size for e in entries)}
+        entries, states = list(step.glob("hvp_*.pt")), list(step.glob("state_*.pt"))
+        found[step.name] = {"hvp_calls": len(entries), "states": sorted(p.stem[len("state_"):] for p in states),
+                            "bytes": sum(e.stat().st_size for e in entries + states)}
     return found
 
 
@@ -278,32 +321,36 @@ def write_seconds(directory: Path, n_params: int, dtype: torch.dtype) -> float:
     return time.perf_counter() - t0
 
 
-def decide(mode: str, *, resumable: int | None, eta_seconds: float, size: int, free: int | None,
-           hvp_seconds: float, write_time: Callable[[], float]) -> tuple[bool, str]:
+def decide(mode: str, *, resumable: Recorded | None, eta_seconds: float, size: int, free: int | None,
+           hvp_seconds: float | None, write_time: Callable[[], float]) -> tuple[bool, str]:
     """Whether a step keeps a journal, and why (for the predicted-cost line).
 
-    ``resumable``: entries of a journal recorded for this step and setup (None: none there). ``off`` never
+    ``resumable``: what a journal recorded for this step and setup holds (None: none there). ``off`` never
     journals; a journal to resume is always used otherwise; ``on`` always journals; ``auto`` journals a step
     predicted to take at least :data:`AUTO_MIN_SECONDS` when its journal fits in half the free disk and recording
     one entry (``write_time()``, timed only then) costs at most :data:`AUTO_MAX_OVERHEAD` of an HVP
-    (``hvp_seconds``).
+    (``hvp_seconds``; None for a step that spends no HVPs and saves a small state now and then instead).
     """
+    from flatlens.measure.gauss_newton import SAVE_EVERY
     from flatlens.measure.memory import _bytes
 
     if mode == "off":
-        return False, (f"--journal off leaves the journal of a killed run ({resumable} HVP calls) unused" if resumable
+        return False, (f"--journal off leaves the journal of a killed run ({resumable.describe()}) unused" if resumable
                        else "")
     if resumable:
-        return True, f"resumes the journal of a killed run ({resumable} HVP calls recorded; replayed where their inputs match)"
-    on = f"journal of its HVPs on disk, <= {_bytes(size)}, removed when done (a killed run resumes)"
+        return True, (f"resumes the journal of a killed run ({resumable.describe()} recorded; "
+                      + ("replayed where their inputs match)" if resumable.entries else "goes on from there)"))
+    on = (f"journal of its HVPs on disk, <= {_bytes(size)}" if hvp_seconds is not None else
+          f"journal of its partial sum on disk ({_bytes(size)}, saved every {SAVE_EVERY:g} s)") + \
+        ", removed when done (a killed run resumes)"
     if mode == "on":
         return True, on
     if eta_seconds < AUTO_MIN_SECONDS:
         return False, ""
     if free is not None and size > free // 2:
         return False, f"no journal: its <= {_bytes(size)} do not fit in half the free disk ({_bytes(free)}); --journal on"
-    w = write_time()
-    if w > AUTO_MAX_OVERHEAD * hvp_seconds:
+    w = write_time() if hvp_seconds is not None else 0.0
+    if hvp_seconds is not None and w > AUTO_MAX_OVERHEAD * hvp_seconds:
         return False, (f"no journal: recording a product ({w:.2f} s) would add over {AUTO_MAX_OVERHEAD:.0%} to computing "
                        f"it ({hvp_seconds:.2f} s); --journal on")
     return True, on

@@ -510,6 +510,8 @@ class Objective:
         if self._journal is None:
             out, replayed = compute(V), False
         else:
+            if self._journal.kernel is None:  # not at open: a measure without HVPs builds no engine
+                self._journal.set_kernel(self.hvp_engine.kernel)
             out, replayed = self._journal.apply(V, compute)
         if replayed:
             self.n_hvp_replayed += count
@@ -558,8 +560,7 @@ class Objective:
             raise FlatlensError("an HVP journal is already open on this Objective; open one at a time")
         jr = HvpJournal(directory, {**self.journal_identity(), **(identity or {})}, ctx=self.ctx)
         if jr.recorded_kernel:
-            self.prefer_kernel(jr.recorded_kernel)
-        jr.set_kernel(self.hvp_engine.kernel)
+            self.prefer_kernel(jr.recorded_kernel)  # the kernel itself is recorded at the first product
         self._journal = jr
         try:
             yield jr

@@ -40,6 +40,9 @@ class Estimate:
     n_draw: int = 0
     """Random parameter-sized vectors drawn (probes, start and restart vectors; timed apart: a draw is made on
     CPU, ~20 vector passes there, and moved to the device)."""
+    state_bytes: int = 0
+    """Disk a resumable step that spends no HVPs keeps in its journal (the Gauss-Newton diagonal's partial sum):
+    with it, ``flatlens sharpness --journal`` considers such a step too."""
     at_most: bool = False
     """The counts are a budget the measure may stop short of (a trace that stops at its CI target): the cost
     line then says "at most" and "<=" instead of "≈" (a README run predicted ≈ 53 s and took 16 s)."""
