@@ -45,9 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "a landscape resumes its missing points, and with this starts afresh, as --landscape-overwrite)")
     p.add_argument("--journal", default="auto", choices=("auto", "on", "off"),
                    help="keep every HVP of a measure in progress on disk beside --out (one parameter-sized vector "
-                        "each; removed when the measure is stored), so that rerunning a killed command resumes the "
-                        "measure where it stopped with the same result; auto: for measures predicted to take a "
-                        "minute or more, when the journal fits in half the free disk")
+                        "each; the gauss-newton trace: its partial sum), removed when the measure is stored, so that "
+                        "rerunning a killed command resumes the measure where it stopped with the same result; auto: "
+                        "for measures predicted to take a minute or more, when the journal fits in half the free "
+                        "disk and costs at most 10%% of an HVP")
     p.add_argument("--replace", action="store_true",
                    help="replace a /hessian group of --out measured on another setup (other --split, --samples, --seed, "
                         "--space or selection) even where that drops measures this run does not repeat (refused "

@@ -365,10 +365,10 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
         chunk: samples per ``vmap`` chunk (default: what fits 256 MiB of per-sample gradients).
         progress: called with the number of samples just done (for a progress bar over samples).
         save_every: inside :meth:`Objective.journal <flatlens.measure.objective.Objective.journal>`, seconds
-            (default :data:`SAVE_EVERY`) between saves of the partial sum (one float64 parameter-sized vector) to the journal; a rerun in
-            the same journal goes on from the last saved sample, in the forms (vmap/loop) the killed run chose,
-            so the diagonal is the uninterrupted run's bitwise. Not under torch.distributed (each rank holds
-            its own partial sum; a rerun starts afresh).
+            (default :data:`SAVE_EVERY`) between saves of the partial sum (one float64 parameter-sized
+            vector) to the journal; a rerun in the same journal goes on from the last saved sample, in the
+            forms (vmap/loop) the killed run chose, so the diagonal is the uninterrupted run's bitwise. Not
+            under torch.distributed (each rank holds its own partial sum; a rerun starts afresh).
 
     Under torch.distributed each rank does its own samples and the diagonal is all-reduced.
     """

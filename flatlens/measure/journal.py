@@ -16,6 +16,9 @@ sha256, the parameter set and space, the measure's settings): a journal of anoth
 discarded when opened. Under torch.distributed rank 0 reads and writes the files and broadcasts what it
 replays (the other ranks need no access to them).
 
+A measure that is not a sequence of HVPs keeps a state instead (:meth:`HvpJournal.save_state`: the exact
+Gauss-Newton trace saves its partial sum every 30 s and goes on from the last saved sample).
+
 The journal holds one parameter-sized output per HVP: ``n_hvp x n_params x 4`` bytes in float32 (an
 11 M-parameter ResNet-18: 45 MB per HVP). ``flatlens sharpness`` keeps one per step beside ``--out`` and
 removes it when the step's results are written (``--journal``); from Python, :meth:`Objective.journal`.

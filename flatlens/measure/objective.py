@@ -522,7 +522,6 @@ class Objective:
     def journal_identity(self) -> dict[str, Any]:
         """What pins the Hessian a journal of this Objective holds products of (see :mod:`~flatlens.measure.journal`)."""
         from flatlens.measure.journal import IDENTITY_LEFT_OUT
-
         from flatlens.measure.params import model_state_hash
 
         info = {k: v for k, v in self.describe().items() if k not in IDENTITY_LEFT_OUT}
@@ -552,7 +551,8 @@ class Objective:
         finishes without an error and kept otherwise. ``identity`` adds to what pins the Hessian (e.g. the
         measure and its settings); a journal of another Objective or identity is discarded. The HVP kernel
         of the killed run is used when this Objective's kernel is ``"auto"`` and not yet chosen. Needs one
-        parameter-sized output per HVP on disk (:mod:`flatlens.measure.journal`).
+        parameter-sized output per HVP on disk (:mod:`flatlens.measure.journal`). The Gauss-Newton trace,
+        which spends no HVPs, saves its partial sum there instead (:func:`~flatlens.measure.gauss_newton.hessian_diagonal`).
         """
         from flatlens.measure.journal import HvpJournal
 
