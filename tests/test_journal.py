@@ -175,6 +175,11 @@ def test_a_resumed_journal_uses_the_killed_runs_kernel_and_stops_recording_on_a_
         with pytest.warns(RuntimeWarning, match="stopped recording .No space left on device"):
             res = fl.hessian.eigenvalues(obj, k=2, max_iter=20)
     assert res.all_converged and jr.recorded == 0
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(fl.FlatlensError, match=r"cannot use .*a-file/j as an HVP journal \(.*\); pass a writable folder"):
+        with obj.journal(blocker / "j"):
+            pass
     with pytest.raises(fl.FlatlensError, match="already open"):
         with obj.journal(jdir), obj.journal(tmp_path / "other"):
             pass

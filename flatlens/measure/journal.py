@@ -42,6 +42,7 @@ from torch import Tensor
 
 from flatlens import distributed as D
 from flatlens.atomic import atomic_write_bytes, atomic_write_text
+from flatlens.errors import FlatlensError
 
 __all__ = ["HvpJournal", "Recorded", "input_sha256", "recorded", "pending", "IDENTITY_LEFT_OUT"]
 
@@ -120,8 +121,16 @@ class HvpJournal:
         self._queue: queue.Queue | None = None
         self._writer: threading.Thread | None = None
         self._error: OSError | None = None
-        state = self._open() if self.ctx.is_main else None
-        self.found, self.recorded_kernel = D.broadcast_object(self.ctx, state) or (0, None)
+        state = None
+        if self.ctx.is_main:
+            try:
+                state = self._open()
+            except OSError as exc:  # rank 0 says so; the others get the same refusal below
+                state = f"cannot use {self.directory} as an HVP journal ({exc.strerror or exc}); pass a writable folder"
+        state = D.broadcast_object(self.ctx, state)
+        if isinstance(state, str):
+            raise FlatlensError(state)
+        self.found, self.recorded_kernel = state or (0, None)
 
     # -- opening ---------------------------------------------------------------------------------
     def _open(self) -> tuple[int, str | None]:
