@@ -554,3 +554,55 @@ def test_a_run_or_a_model_passed_for_an_objective_says_how_to_wrap_it(tiny_run):
                 fn(run)
             with pytest.raises(FlatlensError, match=rf"^{what} of a Classifier: .*fl\.Objective\(model, batches="):
                 fn(run.model)
+
+
+def test_a_float32_model_is_measured_in_float64_on_a_copy(tiny_run):
+    """The summary of a float32 model said "the HVPs cannot certify a smaller error (float64 can)" and nothing
+    offered float64: dtype= (--dtype) measures a float64 copy of the same weights on the same samples."""
+    net = _bn_net().eval()
+    batches = _batches()
+    state = model_state_hash(net)
+    f32 = Objective(net, batches=batches, include=("all",), kernel="double_backward")
+    f64 = Objective(net, batches=batches, include=("all",), kernel="double_backward", dtype="float64")
+    assert model_state_hash(net) == state and next(net.parameters()).dtype == torch.float32  # untouched
+    assert f64.space.dtype == torch.float64 and all(x.dtype == torch.float64 for x, _ in f64.batches)
+    assert f64.describe()["dtype"] == "float64" and f32.describe()["dtype"] == "float32"
+    # the same function: the float64 Hessian of the float32 weights, against a float64 model built by hand
+    truth = Objective(copy.deepcopy(net).double(), batches=[(x.double(), y) for x, y in batches], include=("all",),
+                      kernel="double_backward")
+    v = torch.randn(f64.space.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(f64.hvp(v), truth.hvp(v))
+    e32 = fl.hessian.eigenvalues(f32, k=2, tol=1e-9, max_iter=60)
+    e64 = fl.hessian.eigenvalues(f64, k=2, tol=1e-9, max_iter=60)
+    assert e32.at_rounding_floor and "--dtype float64" in repr(e32)
+    assert e64.all_converged and not e64.at_rounding_floor and float(e64.rel_error_bound.max()) <= 1e-9
+    assert torch.allclose(e32.values, e64.values, rtol=1e-4)
+    # a checkpoint: the Run's model stays float32; a quantized model in both spaces
+    run = fl.load_checkpoint(tiny_run / "model.pt")
+    obj = Objective(run, samples=16, dtype=torch.float64)
+    assert obj.space.dtype == torch.float64 and next(run.model.parameters()).dtype == torch.float32
+    from flatlens.quant import attach_quantizers
+
+    q = _bn_net().eval()
+    attach_quantizers(q, enabled=True, bits=4)
+    qstate = model_state_hash(q)
+    for space in ("latent", "dequant"):
+        qo = Objective(q, batches=batches, space=space, dtype="float64")
+        assert qo.space.dtype == torch.float64 and math.isfinite(fl.hessian.eigenvalues(qo, k=1).values[0].item())
+    assert model_state_hash(q) == qstate
+    with pytest.raises(FlatlensError, match=r"dtype='float16'; pass float32, float64 \(or a floating torch.dtype\)"):
+        Objective(net, batches=batches, dtype="float16")
+    with pytest.raises(FlatlensError, match="dtype=torch.int64"):
+        Objective(net, batches=batches, dtype=torch.int64)
+
+
+def test_sharpness_dtype_float64_certifies_below_the_float32_floor(tiny_run, tmp_path, capsys):
+    from flatlens.cli import main
+
+    out = tmp_path / "a.h5"
+    assert main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", "--samples", "32", "--tol", "1e-8",
+                 "--dtype", "float64", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert said.splitlines()[0].endswith(", in float64") and "converged to the rounding floor" not in said
+    r = fl.hessian.read(out)
+    assert r["attrs"]["dtype"] == "float64" and float(np.max(r["eigenvalue_residuals"] / r["eigenvalues"])) < 1e-8

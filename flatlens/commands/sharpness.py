@@ -111,6 +111,10 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel", default="auto", choices=("auto", "graph_reuse", "double_backward", "forward_over_reverse"),
                    help="HVP kernel (auto: time each on one batch and keep the fastest)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                   help="measure a copy of the model and the samples in this dtype (default: the checkpoint's, "
+                        "float32, whose HVPs round at ~1e-5 relative: float64 certifies eigenvalues far below that "
+                        "and takes about twice the time and memory)")
     g.add_argument("--data-root", type=path_arg, default=None, metavar="DIR",
                    help="folder datasets: where the dataset lives now, if not at the data.root stored in the checkpoint "
                         "(checked against the stored fingerprints)")
@@ -127,7 +131,7 @@ def build_objective(args: argparse.Namespace):
     run = fl.load_checkpoint(args.checkpoint, device=device, data_root=args.data_root)
     return Objective(run, split=args.split, samples=args.samples, space=args.space, include=args.include,
                      select=args.params, exclude=args.exclude, seed=args.seed, batch_size=args.batch_size,
-                     kernel=args.kernel, device=device)
+                     kernel=args.kernel, device=device, dtype=getattr(args, "dtype", None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         say = print if ctx.is_main else (lambda *a, **k: None)
         say(f"{obj.run.path}: {obj.space.numel:,} parameters in space '{obj.space.space}' "
             f"({len(obj.space.names)} tensors), {obj.n_samples} samples of split '{obj.split}', on {obj.device}"
+            + (f", in {args.dtype}" if getattr(args, "dtype", None) else "")
             + (f" x{ctx.world_size}" if ctx.distributed else "")
             + (f" (--samples {args.samples} asked; the split holds {obj.n_samples}, all are used)"
                if args.samples is not None and args.samples > obj.n_samples else ""))

@@ -376,7 +376,7 @@ class EigenResult(_Stored):
         state = "converged" if self.all_converged else "NOT converged (raise --eig-max-iter or --tol)"
         if self.all_converged and self.at_rounding_floor:
             state = ("converged to the rounding floor 100 eps max|theta| of the model's dtype, which is above "
-                     "tol: the HVPs cannot certify a smaller error (float64 can)")
+                     "tol: the HVPs cannot certify a smaller error (float64 can: --dtype float64, or dtype= of the Objective)")
         grad = f" + {self.n_grad} gradient" if self.n_grad else ""
         rows.append(("eigenvalue cost", f"{self.n_hvp} HVPs{self._reused()}{self._replayed()}{grad}, {self.seconds:.2f} s, tol {self.tol:g}, "
                                         f"{self.start} start, {state}"))
