@@ -228,6 +228,7 @@ def test_a_killed_sharpness_command_resumes_its_measure_from_the_journal(tiny_ru
     again = flatlens_cmd(*args, "--out", str(out))  # the same command (--journal auto): the journal is resumed
     assert again.returncode == 0, again.stderr
     assert f"resumes the journal of a killed run ({recorded} HVP calls recorded" in again.stdout
+    assert "so the time above is what is left)" in again.stdout
     done = [line for line in again.stdout.splitlines() if line.startswith("[trace] done")][0]
     assert "more replayed from the journal)" in done, done
     assert not (tmp_path / "a.h5.journal").exists()
@@ -307,9 +308,11 @@ def test_when_flatlens_sharpness_keeps_a_journal(tmp_path):
     on, why = decide("auto", eta_seconds=600, write_time=never, **{**kw, "free": 15 * 2**20})
     assert not on and "do not fit in half the free disk (15.0 MiB)" in why
     assert decide("on", eta_seconds=1, write_time=never, **{**kw, "free": 0})[0]
-    seven = Recorded(7, "graph_reuse", ())
+    seven = Recorded(7, "graph_reuse", (), 7)
     on, why = decide("auto", eta_seconds=1, write_time=never, **{**kw, "resumable": seven})  # always resumed
     assert on and "resumes the journal of a killed run (7 HVP calls recorded; replayed where" in why
+    assert "(7 HVP calls (21 HVPs) recorded" in decide("auto", eta_seconds=1, write_time=never,
+                                                       **{**kw, "resumable": Recorded(7, None, (), 21)})[1]
     on, why = decide("auto", eta_seconds=1, write_time=never, **{**kw, "resumable": Recorded(0, None, ("gauss_newton",))})
     assert on and "(the partial gauss-newton sum recorded; goes on from there)" in why
     assert decide("auto", eta_seconds=600, write_time=never, **{**kw, "hvp_seconds": None})[0]  # no HVPs: a small state

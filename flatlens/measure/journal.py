@@ -66,13 +66,15 @@ class Recorded(NamedTuple):
     entries: int
     kernel: str | None
     states: tuple[str, ...]
+    columns: int = 0
+    """HVPs the entries hold (a call on a block of ``b`` probes holds ``b``), read from the files' headers."""
 
     def __bool__(self) -> bool:  # something to resume
         return bool(self.entries or self.states)
 
     def describe(self) -> str:
-        parts = ([f"{self.entries} HVP calls"] if self.entries else []) + [f"the partial {s.replace('_', '-')} sum"
-                                                                          for s in self.states]
+        calls = f"{self.entries} HVP calls" + (f" ({self.columns} HVPs)" if self.columns > self.entries else "")
+        parts = ([calls] if self.entries else []) + [f"the partial {s.replace('_', '-')} sum" for s in self.states]
         return " and ".join(parts) or "nothing"
 
 
@@ -86,11 +88,16 @@ def recorded(directory: str | Path, identity: Mapping[str, Any]) -> Recorded | N
         return None
     if meta.get("identity") != json.loads(json.dumps(dict(identity), sort_keys=True, default=str)):
         return None
-    k = 0
+    k = columns = 0
     while _entry(directory, k).exists():
+        try:  # memory-mapped: the header gives the shape without reading the output
+            out = torch.load(_entry(directory, k), map_location="cpu", weights_only=True, mmap=True)["output"]
+            columns += int(out.shape[1]) if out.ndim == 2 else 1
+        except Exception:  # noqa: BLE001 - an unreadable entry is where the replay will stop
+            break
         k += 1
     states = tuple(sorted(p.stem[len("state_"):] for p in directory.glob("state_*.pt")))
-    return Recorded(k, meta.get("kernel"), states)
+    return Recorded(k, meta.get("kernel"), states, columns)
 
 
 def _entry(directory: Path, k: int) -> Path:
@@ -351,7 +358,8 @@ def decide(mode: str, *, resumable: Recorded | None, eta_seconds: float, size: i
                        else "")
     if resumable:
         return True, (f"resumes the journal of a killed run ({resumable.describe()} recorded; "
-                      + ("replayed where their inputs match)" if resumable.entries else "goes on from there)"))
+                      + ("replayed where their inputs match, so the time above is what is left)" if resumable.entries
+                         else "goes on from there)"))
     on = (f"journal of its HVPs on disk, <= {_bytes(size)}" if hvp_seconds is not None else
           f"journal of its partial sum on disk ({_bytes(size)}, saved every {SAVE_EVERY:g} s)") + \
         ", removed when done (a killed run resumes)"
