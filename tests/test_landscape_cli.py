@@ -197,3 +197,22 @@ def test_sharpness_landscape_options_fail_early_in_their_own_names(tmp_path, cap
 def test_landscape_block_and_repeat_must_be_counts(tiny_run, tmp_path):
     res = flatlens_cmd("landscape", str(tiny_run / "model.pt"), "--block", "-1", "--out", str(tmp_path / "a.h5"))
     assert res.returncode == 2 and "--block must be an int >= 0, got -1" in res.stderr, res.stderr
+
+
+def test_a_landscape_in_float64_evaluates_a_float64_copy(tiny_run, tmp_path):
+    """--dtype float64 (as flatlens sharpness): the surface of the same weights in float64, whose origin is the
+    float64 Objective's loss on the same samples; the float32 surface agrees to float32 rounding."""
+    import flatlens as fl
+
+    base = ["landscape", str(tiny_run / "model.pt"), "--dim", "1", "--range", "-1:1:3", "--samples", "32"]
+    r = flatlens_cmd(*base, "--dtype", "float64", "--out", str(tmp_path / "d.h5"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].endswith(", in float64")
+    f32 = flatlens_cmd(*base, "--out", str(tmp_path / "s.h5"))
+    assert f32.returncode == 0, f32.stderr
+    with h5py.File(tmp_path / "d.h5", "r") as f, h5py.File(tmp_path / "s.h5", "r") as g:
+        d, s = f["landscape/random_1d"], g["landscape/random_1d"]
+        assert d.attrs["dtype"] == "float64" and s.attrs["dtype"] == "float32"
+        truth = fl.Objective(fl.load_checkpoint(tiny_run / "model.pt"), samples=32, dtype="float64").loss()
+        assert d.attrs["origin_loss"] == truth and d["loss"][1] == truth
+        assert np.allclose(d["loss"][()], s["loss"][()], rtol=1e-5) and not np.array_equal(d["loss"][()], s["loss"][()])

@@ -58,6 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the quantized weights")
     o.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     o.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    o.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                   help="evaluate a copy of the model and the samples in this dtype (default: the checkpoint's, "
+                        "float32; float64 resolves loss differences below float32's ~1e-7 relative rounding, e.g. "
+                        "small --range values near a minimum)")
     o.add_argument("--data-root", type=path_arg, default=None, metavar="DIR",
                    help="folder datasets: where the dataset lives now, if not at the data.root stored in the checkpoint "
                         "(checked against the stored fingerprints)")
@@ -91,10 +95,11 @@ def run(args: argparse.Namespace) -> int:
         run_ = fl.load_checkpoint(args.checkpoint, device=device, data_root=args.data_root)
         # every rank holds all samples: ranks share out grid points, not samples
         obj = Objective(run_, split=args.split, samples=args.samples, space=args.space, seed=args.seed,
-                        batch_size=args.batch_size, device=device, shard=False)
+                        batch_size=args.batch_size, device=device, shard=False, dtype=args.dtype)
         out = Path(args.out) if args.out else store.default_path(args.checkpoint)
         say = print if ctx.is_main else (lambda *a, **k: None)
         say(f"{run_.path}: {obj.n_samples} samples of split '{obj.split}' on {device}"
+            + (f", in {args.dtype}" if args.dtype else "")
             + (f", {ctx.world_size} ranks sharing the grid" if ctx.distributed else ""))
 
         def progress(total: int, desc: str) -> Progress:
