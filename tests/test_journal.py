@@ -368,3 +368,54 @@ def test_the_cli_journals_a_gauss_newton_trace_by_its_partial_sum(tiny_run, tmp_
     said = capsys.readouterr().out
     assert "journal of its partial sum on disk (0.0 MiB, saved every 30 s), removed when done" in said
     assert not (tmp_path / "g.h5.journal").exists() and fl.hessian.read(out)["attrs"]["trace_resumed_samples"] == 0
+
+
+def _dist_gn_worker(rank: int, world: int, init: str, model, batches, jdir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    import flatlens.measure.gauss_newton as GN
+    from flatlens.measure.objective import Objective
+
+    torch.set_num_threads(1)
+    GN.SAVE_EVERY = 0.0  # spawned: the parent's monkeypatch does not reach here
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        def obj():
+            return Objective(model, batches=batches[rank::world], include=("all",))
+
+        def measure(o, **kw):
+            return fl.hessian.trace(o, "gauss-newton", per_sample="loop", **kw)
+
+        killed = obj()
+        try:
+            with killed.journal(jdir):
+                measure(killed, progress=_KillAfter(10 + 4 * rank))  # the ranks stop at different samples
+        except _Killed:
+            pass
+        dist.barrier()
+        again = obj()
+        with again.journal(jdir):
+            resumed = measure(again)
+        whole = measure(obj())
+        if rank == 0:
+            torch.save({"resumed": resumed.estimate, "whole": whole.estimate, "layers": resumed.layers.estimates,
+                        "whole_layers": whole.layers.estimates, "from_journal": resumed.details["resumed_samples"]},
+                       out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torch_distributed_each_rank_resumes_its_own_gauss_newton_sum(tmp_path):
+    import torch.multiprocessing as mp
+    from test_hessian import _bn_cnn, _data
+
+    model = _bn_cnn().float()
+    batches = [(x.float(), y) for x, y in _data(n=64, bs=8)]
+    out = str(tmp_path / "res.pt")
+    mp.spawn(_dist_gn_worker, args=(2, f"file://{tmp_path / 'pg'}", model, batches, str(tmp_path / "j"), out),
+             nprocs=2, join=True)
+    res = torch.load(out, weights_only=False)
+    assert res["from_journal"] >= 10 + 14  # both ranks' saved samples, all-reduced
+    assert res["resumed"] == res["whole"] and torch.equal(res["layers"], res["whole_layers"])
+    assert not (tmp_path / "j").exists()

@@ -367,8 +367,10 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
         save_every: inside :meth:`Objective.journal <flatlens.measure.objective.Objective.journal>`, seconds
             (default :data:`SAVE_EVERY`) between saves of the partial sum (one float64 parameter-sized
             vector) to the journal; a rerun in the same journal goes on from the last saved sample, in the
-            forms (vmap/loop) the killed run chose, so the diagonal is the uninterrupted run's bitwise. Not
-            under torch.distributed (each rank holds its own partial sum; a rerun starts afresh).
+            forms (vmap/loop) the killed run chose, so the diagonal is the uninterrupted run's bitwise.
+            Under torch.distributed every rank saves and resumes its own partial sum (its own samples until
+            the final all-reduce), so the folder must be one every rank reaches (a shared file system); a
+            rank that finds no state of its own sums its samples afresh.
 
     Under torch.distributed each rank does its own samples and the diagonal is all-reduced.
     """
@@ -389,10 +391,11 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
     diag = torch.zeros(obj.space.numel, dtype=torch.float64, device=obj.device)  # summed in float64
     n_backward = 0
     at = (0, 0)  # (batch, first sample not yet in diag)
-    journal = getattr(obj, "_journal", None) if not obj.ctx.distributed else None  # ranks keep their own sums
+    journal = getattr(obj, "_journal", None)
+    per_rank = obj.ctx.distributed  # each rank sums its own samples until the final all-reduce
     key = {"n_samples": obj.n_samples, "numel": obj.space.numel, "per_sample": per_sample, "size": steps.size,
-           "batches": [int(y.shape[0]) for _, y in obj.batches]}
-    saved = journal.load_state("gauss_newton") if journal is not None else None
+           "batches": [int(y.shape[0]) for _, y in obj.batches], "rank": obj.ctx.rank, "world": obj.ctx.world_size}
+    saved = journal.load_state("gauss_newton", per_rank=per_rank) if journal is not None else None
     resumed = 0
     if saved is not None and saved.get("key") == key:  # a killed run's partial sum: go on from its last sample
         diag.copy_(saved["diag"])
@@ -404,7 +407,8 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
     def save(done: int) -> None:
         if journal is not None:
             journal.save_state("gauss_newton", {"key": key, "diag": diag.cpu(), "n_backward": n_backward,
-                                                "at": list(at), "done": done, "steps": steps.state()})
+                                                "at": list(at), "done": done, "steps": steps.state()},
+                               per_rank=per_rank)
 
     save_every = SAVE_EVERY if save_every is None else save_every
     done_total, last_save = resumed, time.monotonic()
@@ -425,15 +429,15 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
                 if progress is not None:
                     progress(done)
     D.all_reduce_sum(obj.ctx, diag)
-    nb = torch.tensor([float(n_backward)], dtype=torch.float64, device=obj.device)
-    D.all_reduce_sum(obj.ctx, nb)
+    nb = torch.tensor([float(n_backward), float(resumed)], dtype=torch.float64, device=obj.device)
+    D.all_reduce_sum(obj.ctx, nb)  # over all ranks: backward passes, and samples taken from saved states
     diag /= obj.n_samples
     if not math.isfinite(float(diag.sum())):
         raise FlatlensError("the Gauss-Newton diagonal is not finite (the model produced inf/nan logits); "
                             "check the checkpoint")
-    return GaussNewtonDiagonal(diagonal=diag, check=pl, n_backward=int(nb), n_samples=obj.n_samples,
+    return GaussNewtonDiagonal(diagonal=diag, check=pl, n_backward=int(nb[0]), n_samples=obj.n_samples,
                                seconds=time.perf_counter() - t0, per_sample=steps.used, selection=steps.selection,
-                               resumed_samples=resumed)
+                               resumed_samples=int(nb[1]))
 
 
 def _detached(leaves: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -96,8 +96,12 @@ def recorded(directory: str | Path, identity: Mapping[str, Any]) -> Recorded | N
         except Exception:  # noqa: BLE001 - an unreadable entry is where the replay will stop
             break
         k += 1
-    states = tuple(sorted(p.stem[len("state_"):] for p in directory.glob("state_*.pt")))
-    return Recorded(k, meta.get("kernel"), states, columns)
+    return Recorded(k, meta.get("kernel"), _states(directory), columns)
+
+
+def _states(directory: Path) -> tuple[str, ...]:
+    """Names of the states saved in a journal (one name for the per-rank files of a state)."""
+    return tuple(sorted({p.stem[len("state_"):].split("@")[0] for p in directory.glob("state_*.pt")}))
 
 
 def _entry(directory: Path, k: int) -> Path:
@@ -125,6 +129,7 @@ class HvpJournal:
         self._next = 0
         self._replaying = True
         self._writing = self.ctx.is_main
+        self._rank_writing = True  # per-rank states (save_state(per_rank=True)), on every rank
         self._queue: queue.Queue | None = None
         self._writer: threading.Thread | None = None
         self._error: OSError | None = None
@@ -249,27 +254,37 @@ class HvpJournal:
         self._check_writer()
 
     # -- the state of a measure that is not a sequence of HVPs (the Gauss-Newton diagonal's partial sum) ---------
-    def _state_path(self, name: str) -> Path:
-        return self.directory / f"state_{name}.pt"
+    def _state_path(self, name: str, per_rank: bool) -> Path:
+        suffix = f"@{self.ctx.rank}of{self.ctx.world_size}" if per_rank else ""
+        return self.directory / f"state_{name}{suffix}.pt"
 
-    def load_state(self, name: str) -> dict[str, Any] | None:
-        """The state :meth:`save_state` last stored under ``name`` (rank 0; None on other ranks or if none)."""
-        if not self.ctx.is_main:
+    def load_state(self, name: str, *, per_rank: bool = False) -> dict[str, Any] | None:
+        """The state :meth:`save_state` last stored under ``name`` (None if none). ``per_rank``: this rank's own
+        (each rank reads its file; with a folder every rank can reach, e.g. on a shared file system);
+        otherwise rank 0's (None on the other ranks)."""
+        if not (per_rank or self.ctx.is_main):
             return None
         try:
-            state = torch.load(self._state_path(name), map_location="cpu", weights_only=True)
+            state = torch.load(self._state_path(name, per_rank), map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - missing or unreadable: start afresh
             return None
         return state if isinstance(state, dict) else None
 
-    def save_state(self, name: str, state: dict[str, Any]) -> None:
-        """Store a measure's resumable state (atomic rename; rank 0); a full disk stops the journal, not the measure."""
-        if not self._writing:
+    def save_state(self, name: str, state: dict[str, Any], *, per_rank: bool = False) -> None:
+        """Store a measure's resumable state (atomic rename); a full disk stops the journal, not the measure.
+        ``per_rank``: every rank stores its own (a rank that cannot reach the folder on a rerun, e.g. on
+        another node's local disk, just starts its part afresh); otherwise rank 0 alone."""
+        if not (self._writing if not per_rank else self._rank_writing):
             return
         try:
-            atomic_write_bytes(self._state_path(name), lambda f: torch.save(state, f), fsync=False)
+            atomic_write_bytes(self._state_path(name, per_rank), lambda f: torch.save(state, f), fsync=False)
         except OSError as exc:
-            self._stop_writing(exc)
+            if per_rank:
+                self._rank_writing = False
+                warnings.warn(f"the journal in {self.directory} stopped saving rank {self.ctx.rank}'s state "
+                              f"({exc.strerror or exc}); the measure goes on", RuntimeWarning, stacklevel=2)
+            else:
+                self._stop_writing(exc)
 
     def remove(self) -> None:
         """Delete the journal's folder (its measure finished; rank 0)."""
@@ -297,7 +312,7 @@ def pending(out: str | Path) -> dict[str, dict[str, int]]:
     found: dict[str, dict[str, int]] = {}
     for step in sorted(p for p in folder.glob("*") if (p / META).is_file()):
         entries, states = list(step.glob("hvp_*.pt")), list(step.glob("state_*.pt"))
-        found[step.name] = {"hvp_calls": len(entries), "states": sorted(p.stem[len("state_"):] for p in states),
+        found[step.name] = {"hvp_calls": len(entries), "states": list(_states(step)),
                             "bytes": sum(e.stat().st_size for e in entries + states)}
     return found
 
