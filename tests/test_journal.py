@@ -7,6 +7,7 @@ on ResNet-18 at 512 samples a trace is an hour of CPU time.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -245,14 +246,36 @@ def test_a_killed_sharpness_command_resumes_its_measure_from_the_journal(tiny_ru
     assert "replayed from a journal)" in again.stdout.split("\nsummary", 1)[1]
 
 
-def _dist_worker(rank: int, world: int, init: str, model, batches, jdirs, kill_at: int, out: str) -> None:
+@contextmanager
+def _gloo(rank: int, world: int, init: str):
+    """A gloo process group for one spawned test rank (one thread), torn down after a final barrier."""
     import torch.distributed as dist
-
-    from flatlens.measure.objective import Objective
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
+        yield
+        dist.barrier()  # every rank done before either tears down its connections
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two(worker, tmp_path, batch_size: int, *args) -> dict:
+    """``worker(rank, world, init, model, batches, *args, out)`` on 2 gloo processes; what rank 0 saved to ``out``."""
+    import torch.multiprocessing as mp
+    from test_hessian import _bn_cnn, _data
+
+    model = _bn_cnn().float()
+    batches = [(x.float(), y) for x, y in _data(n=64, bs=batch_size)]
+    out = str(tmp_path / "res.pt")
+    mp.spawn(worker, args=(2, f"file://{tmp_path / 'pg'}", model, batches, *args, out), nprocs=2, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def _dist_worker(rank: int, world: int, init: str, model, batches, jdirs, kill_at: int, out: str) -> None:
+    from flatlens.measure.objective import Objective
+
+    with _gloo(rank, world, init):
         def obj():
             return Objective(model, batches=batches[rank::world], kernel="graph_reuse")
 
@@ -272,21 +295,10 @@ def _dist_worker(rank: int, world: int, init: str, model, batches, jdirs, kill_a
         if rank == 0:
             torch.save({"resumed": _values(resumed), "whole": _values(whole), "replayed": jr.replayed,
                         "found": jr.found, "n_hvp": resumed_obj.n_hvp, "n_replayed": resumed_obj.n_hvp_replayed}, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_under_torch_distributed_rank_0_keeps_the_journal_and_broadcasts_the_replay(tmp_path):
-    import torch.multiprocessing as mp
-    from test_hessian import _bn_cnn, _data
-
-    model = _bn_cnn().float()
-    batches = [(x.float(), y) for x, y in _data(n=64, bs=16)]
-    jdirs = [str(tmp_path / "j0"), str(tmp_path / "j1")]
-    out = str(tmp_path / "res.pt")
-    mp.spawn(_dist_worker, args=(2, f"file://{tmp_path / 'pg'}", model, batches, jdirs, 9, out), nprocs=2, join=True)
-    res = torch.load(out, weights_only=False)
+    res = _run_two(_dist_worker, tmp_path, 16, [str(tmp_path / "j0"), str(tmp_path / "j1")], 9)
     assert res["found"] == 9 and res["replayed"] == 9 and res["n_replayed"] == 9 and res["n_hvp"] == 24 - 9
     for a, b in zip(res["resumed"], res["whole"]):
         assert np.array_equal(a, b)
@@ -371,15 +383,11 @@ def test_the_cli_journals_a_gauss_newton_trace_by_its_partial_sum(tiny_run, tmp_
 
 
 def _dist_gn_worker(rank: int, world: int, init: str, model, batches, jdir: str, out: str) -> None:
-    import torch.distributed as dist
-
     import flatlens.measure.gauss_newton as GN
     from flatlens.measure.objective import Objective
 
-    torch.set_num_threads(1)
     GN.SAVE_EVERY = 0.0  # spawned: the parent's monkeypatch does not reach here
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with _gloo(rank, world, init):
         def obj():
             return Objective(model, batches=batches[rank::world], include=("all",))
 
@@ -392,7 +400,6 @@ def _dist_gn_worker(rank: int, world: int, init: str, model, batches, jdir: str,
                 measure(killed, progress=_KillAfter(10 + 4 * rank))  # the ranks stop at different samples
         except _Killed:
             pass
-        dist.barrier()
         again = obj()
         with again.journal(jdir):
             resumed = measure(again)
@@ -401,21 +408,10 @@ def _dist_gn_worker(rank: int, world: int, init: str, model, batches, jdir: str,
             torch.save({"resumed": resumed.estimate, "whole": whole.estimate, "layers": resumed.layers.estimates,
                         "whole_layers": whole.layers.estimates, "from_journal": resumed.details["resumed_samples"]},
                        out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_under_torch_distributed_each_rank_resumes_its_own_gauss_newton_sum(tmp_path):
-    import torch.multiprocessing as mp
-    from test_hessian import _bn_cnn, _data
-
-    model = _bn_cnn().float()
-    batches = [(x.float(), y) for x, y in _data(n=64, bs=8)]
-    out = str(tmp_path / "res.pt")
-    mp.spawn(_dist_gn_worker, args=(2, f"file://{tmp_path / 'pg'}", model, batches, str(tmp_path / "j"), out),
-             nprocs=2, join=True)
-    res = torch.load(out, weights_only=False)
+    res = _run_two(_dist_gn_worker, tmp_path, 8, str(tmp_path / "j"))
     assert res["from_journal"] >= 10 + 14  # both ranks' saved samples, all-reduced
     assert res["resumed"] == res["whole"] and torch.equal(res["layers"], res["whole_layers"])
     assert not (tmp_path / "j").exists()
