@@ -567,6 +567,7 @@ def test_a_float32_model_is_measured_in_float64_on_a_copy(tiny_run):
     assert model_state_hash(net) == state and next(net.parameters()).dtype == torch.float32  # untouched
     assert f64.space.dtype == torch.float64 and all(x.dtype == torch.float64 for x, _ in f64.batches)
     assert f64.describe()["dtype"] == "float64" and f32.describe()["dtype"] == "float32"
+    assert "tensors, float64)" in repr(f64) and "tensors, float32)" in repr(f32)  # a notebook shows which
     # the same function: the float64 Hessian of the float32 weights, against a float64 model built by hand
     truth = Objective(copy.deepcopy(net).double(), batches=[(x.double(), y) for x, y in batches], include=("all",),
                       kernel="double_backward")

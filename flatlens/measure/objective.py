@@ -307,7 +307,8 @@ class Objective:
 
     def __repr__(self) -> str:
         return (f"Objective({self.space.numel:,} parameters in space {self.space.space!r} ({len(self.space.names)} "
-                f"tensors), {self.n_samples:,} samples of split {self.split!r}, on {self.device}, kernel "
+                f"tensors, {str(self.space.dtype).replace('torch.', '')}), {self.n_samples:,} samples of split "
+                f"{self.split!r}, on {self.device}, kernel "
                 f"{self._hvp.kernel if self._hvp is not None else self.kernel_name})")
 
     # -- data ------------------------------------------------------------------------------------
