@@ -199,7 +199,7 @@ def test_a_killed_sharpness_command_resumes_its_measure_from_the_journal(tiny_ru
     from conftest import REPO, flatlens_cmd
 
     out = tmp_path / "a.h5"
-    jdir = tmp_path / "a.h5.journal" / "trace"
+    jroot = tmp_path / "a.h5.journal"
     args = ["sharpness", str(tiny_run / "model.pt"), "--measures", "trace", "--samples", "64", "--kernel",
             "graph_reuse", "--batch-size", "32", "--max-hvp", "300", "--trace-rtol", "0",
             "--progress-every", "0"]
@@ -208,7 +208,7 @@ def test_a_killed_sharpness_command_resumes_its_measure_from_the_journal(tiny_ru
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and len(list(jdir.glob("hvp_*.pt"))) < 20:
+        while time.monotonic() < deadline and proc.poll() is None and len(list(jroot.glob("trace-*/hvp_*.pt"))) < 20:
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()  # still at its probes
         proc.send_signal(signal.SIGKILL)
@@ -216,13 +216,26 @@ def test_a_killed_sharpness_command_resumes_its_measure_from_the_journal(tiny_ru
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    (jdir,) = jroot.glob("trace-*")  # <step>-<setup digest>
     recorded = len(list(jdir.glob("hvp_*.pt")))
-    assert 20 <= recorded < 300 and not (out.exists() and "hessian" in h5py.File(out, "r"))
+    assert 20 <= recorded < 300
+    if out.exists():  # created at the start, with no measure in it
+        with h5py.File(out, "r") as f:
+            assert "hessian" not in f
 
+    # a quick run on another setup into the same file keeps the killed run's journal (its own folder)
+    other = flatlens_cmd("sharpness", str(tiny_run / "model.pt"), "--measures", "trace", "--samples", "32",
+                         "--max-hvp", "12", "--trace-rtol", "0", "--journal", "on", "--out", str(out))
+    assert other.returncode == 0, other.stderr
+    assert len(list(jdir.glob("hvp_*.pt"))) == recorded and sorted(jroot.iterdir()) == [jdir]
+    with h5py.File(out, "a") as f:  # back to the state the kill left (the quick run stored its trace)
+        del f["hessian"]
     info = flatlens_cmd("info", str(out))  # what the killed run left
     assert info.returncode == 0, info.stderr
     assert f"unfinished        trace: {recorded} HVP calls (" in info.stdout and "rerun the same flatlens sharpness" in info.stdout
-    assert json.loads(flatlens_cmd("info", str(out), "--json").stdout)["journals"]["trace"]["hvp_calls"] == recorded
+    assert json.loads(flatlens_cmd("info", str(out), "--json").stdout)["journals"][jdir.name]["hvp_calls"] == recorded
     import shutil
 
     shutil.copytree(tmp_path / "a.h5.journal", tmp_path / "b.h5.journal")  # for the --journal off run below
@@ -237,7 +250,7 @@ def test_a_killed_sharpness_command_resumes_its_measure_from_the_journal(tiny_ru
     fresh = flatlens_cmd(*args, "--journal", "off", "--out", str(tmp_path / "b.h5"))  # measured whole
     assert fresh.returncode == 0, fresh.stderr
     assert f"--journal off leaves the journal of a killed run ({recorded} HVP calls) unused" in fresh.stdout
-    assert len(list((tmp_path / "b.h5.journal" / "trace").glob("hvp_*.pt"))) == recorded  # untouched
+    assert len(list((tmp_path / "b.h5.journal" / jdir.name).glob("hvp_*.pt"))) == recorded  # untouched
     resumed, whole = fl.hessian.read(out), fl.hessian.read(tmp_path / "b.h5")
     for key in ("trace", "trace_samples", "trace_stderr", "layer_traces"):
         assert np.array_equal(resumed[key], whole[key]), key

@@ -107,8 +107,9 @@ def _analysis(path: Path, as_json: bool) -> int:
                 print(f"  {'':<15} {line}")
     for step, j in journals.items():  # a measure killed part-way (flatlens sharpness --journal)
         held = Recorded(j["hvp_calls"], None, tuple(j["states"])).describe()
-        print(f"{'unfinished':<17} {step}: {held} ({_bytes(j['bytes'])}) in the journal of a killed run, "
-              f"{path.name}.journal/{step}; rerun the same flatlens sharpness command to resume it, or delete it")
+        print(f"{'unfinished':<17} {step.rpartition('-')[0] or step}: {held} ({_bytes(j['bytes'])}) in the journal of "
+              f"a killed run, {path.name}.journal/{step}; rerun the same flatlens sharpness command to resume it, or "
+              "delete it")
     return 0
 
 

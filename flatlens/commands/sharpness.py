@@ -197,11 +197,11 @@ def run(args: argparse.Namespace) -> int:
                 rows += [tuple(r) for r in stored]
                 continue
             est = step.estimate(obj, args)
-            jdir = J.journal_dir(out, "+".join(sorted(step.members)))  # --measures' order changes nothing
-            resumable = None
+            jdir, resumable = None, None
             if est.n_hvp or est.state_bytes:  # a killed run's journal: its kernel, before the kernels are timed
-                resumable = D.broadcast_object(ctx, J.recorded(jdir, _journal_identity(obj, fp)) if ctx.is_main
-                                               else None)
+                ident = _journal_identity(obj, fp)
+                jdir = J.journal_dir(out, "+".join(sorted(step.members)), ident)  # --measures' order changes nothing
+                resumable = D.broadcast_object(ctx, J.recorded(jdir, ident) if ctx.is_main else None)
             pinned = bool(resumable and resumable.kernel and args.journal != "off" and obj.prefer_kernel(resumable.kernel))
             hvp_s = _hvp_seconds(obj, t_forward) if est.n_hvp else 0.0
             if est.n_hvp and (not kernel_said or pinned):

@@ -299,10 +299,14 @@ AUTO_MIN_SECONDS = 60.0
 cheaper to run again than to write to disk)."""
 
 
-def journal_dir(out: str | Path, step: str) -> Path:
-    """Where ``flatlens sharpness`` keeps the journal of ``step`` for the analysis file ``out``."""
+def journal_dir(out: str | Path, step: str, identity: Mapping[str, Any]) -> Path:
+    """Where ``flatlens sharpness`` keeps the journal of ``step`` on the setup ``identity`` for the analysis file
+    ``out``: ``<out>.journal/<step>-<12 hex digits of the identity>``. One folder per setup, so a run on
+    another setup (e.g. a quick ``--samples 64`` check into the same file) never clears the journal a killed
+    long run left."""
     out = Path(out)
-    return out.with_name(out.name + ".journal") / step
+    digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return out.with_name(out.name + ".journal") / f"{step}-{digest}"
 
 
 def pending(out: str | Path) -> dict[str, dict[str, int]]:
