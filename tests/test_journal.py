@@ -176,6 +176,20 @@ def test_a_resumed_journal_uses_the_killed_runs_kernel_and_stops_recording_on_a_
         with pytest.warns(RuntimeWarning, match="stopped recording .No space left on device"):
             res = fl.hessian.eigenvalues(obj, k=2, max_iter=20)
     assert res.all_converged and jr.recorded == 0
+    monkeypatch.undo()  # the disk has room again
+    # a folder that is not a journal is never cleared (it was rmtree'd: obj.journal("runs/erm") deleted the run)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model.pt").write_bytes(b"weights")
+    with pytest.raises(fl.FlatlensError, match=r"run exists and is not an HVP journal \(no journal.json\); pass a new"):
+        with obj.journal(run_dir):
+            pass
+    assert (run_dir / "model.pt").read_bytes() == b"weights"
+    # and a journal is removed file by file: what else was put in its folder stays
+    with obj.journal(tmp_path / "j2") as jr:
+        (tmp_path / "j2" / "notes.txt").write_text("mine")
+        fl.hessian.eigenvalues(obj, k=1, max_iter=5)
+    assert sorted(p.name for p in (tmp_path / "j2").iterdir()) == ["notes.txt"]
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(fl.FlatlensError, match=r"cannot use .*a-file/j as an HVP journal \(.*\); pass a writable folder"):

@@ -139,6 +139,8 @@ class HvpJournal:
                 state = self._open()
             except OSError as exc:  # rank 0 says so; the others get the same refusal below
                 state = f"cannot use {self.directory} as an HVP journal ({exc.strerror or exc}); pass a writable folder"
+            except _NotAJournal as exc:
+                state = str(exc)
         state = D.broadcast_object(self.ctx, state)
         if isinstance(state, str):
             raise FlatlensError(state)
@@ -156,8 +158,10 @@ class HvpJournal:
         return found.entries, found.kernel
 
     def _clear(self) -> None:
-        if self.directory.exists():
-            shutil.rmtree(self.directory, ignore_errors=True)
+        """Start an empty journal: delete a journal of another identity, never a folder that is not a journal."""
+        if self.directory.is_dir() and not (self.directory / META).is_file() and any(self.directory.iterdir()):
+            raise _NotAJournal(f"{self.directory} exists and is not an HVP journal (no {META}); pass a new folder")
+        _delete_journal_files(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.directory / META, json.dumps({"identity": self.identity}, sort_keys=True))
 
@@ -287,10 +291,28 @@ class HvpJournal:
                 self._stop_writing(exc)
 
     def remove(self) -> None:
-        """Delete the journal's folder (its measure finished; rank 0)."""
+        """Delete the journal (its measure finished; rank 0): its files, then its folder when nothing else is in it."""
         self.flush()
         if self.ctx.is_main:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _delete_journal_files(self.directory)
+            try:
+                self.directory.rmdir()
+            except OSError:
+                pass
+
+
+class _NotAJournal(Exception):
+    """A folder given for a journal holds other files: it is never cleared."""
+
+
+_JOURNAL_FILES = ("hvp_*.pt", "state_*.pt", META, ".hvp_*.tmp", ".state_*.tmp", f".{META}.*.tmp")
+"""What a journal writes (entries, states, its meta, and the temporary names of atomic writes a kill left)."""
+
+
+def _delete_journal_files(directory: Path) -> None:
+    for pattern in _JOURNAL_FILES:
+        for f in directory.glob(pattern):
+            f.unlink(missing_ok=True)
 
 
 JOURNAL_MODES = ("auto", "on", "off")
