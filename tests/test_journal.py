@@ -352,8 +352,9 @@ def test_when_flatlens_sharpness_keeps_a_journal(tmp_path):
     assert on and "resumes the journal of a killed run (7 HVP calls recorded; replayed where" in why
     assert "(7 HVP calls (21 HVPs) recorded" in decide("auto", eta_seconds=1, write_time=never,
                                                        **{**kw, "resumable": Recorded(7, None, (), 21)})[1]
-    on, why = decide("auto", eta_seconds=1, write_time=never, **{**kw, "resumable": Recorded(0, None, ("gauss_newton",))})
-    assert on and "(the partial gauss-newton sum recorded; goes on from there)" in why
+    on, why = decide("auto", eta_seconds=1, write_time=never,
+                     **{**kw, "resumable": Recorded(0, None, ("gauss_newton",), 0, 21)})
+    assert on and "(the partial gauss-newton sum (21 samples) recorded; goes on from there)" in why
     assert decide("auto", eta_seconds=600, write_time=never, **{**kw, "hvp_seconds": None})[0]  # no HVPs: a small state
     assert decide("off", eta_seconds=600, write_time=never, **kw) == (False, "")
     assert not decide("off", eta_seconds=600, write_time=never, **{**kw, "resumable": seven})[0]
@@ -382,6 +383,11 @@ def test_a_killed_gauss_newton_trace_goes_on_from_its_saved_partial_sum(tiny_run
             measure(obj, progress=_KillAfter(21))
     assert (jdir / "state_gauss_newton.pt").is_file() and not list(jdir.glob("hvp_*.pt"))
     again = objective()
+    from flatlens.measure.journal import recorded
+
+    held = recorded(jdir, again.journal_identity())  # what flatlens sharpness reads for its line and time left
+    assert held and held.entries == 0 and held.states == ("gauss_newton",) and held.state_done >= 21
+    assert f"the partial gauss-newton sum ({held.state_done} samples)" in held.describe()
     seen = []
     with again.journal(jdir):
         resumed = measure(again, progress=seen.append)

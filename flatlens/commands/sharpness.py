@@ -211,8 +211,11 @@ def run(args: argparse.Namespace) -> int:
             if est.n_vector or est.n_draw:  # timed only for a step with vector work (not a landscape)
                 t_pass, t_draw = _vector_seconds(obj)
                 eta += est.n_vector * t_pass + est.n_draw * t_draw
-            if resumable and resumable.columns and args.journal != "off":  # the replayed part costs ~nothing
-                eta *= max(0.0, 1.0 - resumable.columns / max(est.n_hvp, 1))
+            if resumable and args.journal != "off":  # the replayed part costs ~nothing
+                if resumable.columns and est.n_hvp:
+                    eta *= max(0.0, 1.0 - resumable.columns / est.n_hvp)
+                elif resumable.state_done and est.state_bytes:  # a partial sum over this rank's samples
+                    eta *= max(0.0, 1.0 - resumable.state_done / max(obj.n_local, 1))
             journaled, why = (False, "")
             if est.n_hvp or est.state_bytes:
                 size = J.predicted_bytes(est.n_hvp, obj.space.numel, obj.space.params[0].element_size()) + est.state_bytes

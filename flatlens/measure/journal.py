@@ -68,13 +68,16 @@ class Recorded(NamedTuple):
     states: tuple[str, ...]
     columns: int = 0
     """HVPs the entries hold (a call on a block of ``b`` probes holds ``b``), read from the files' headers."""
+    state_done: int = 0
+    """Samples the saved partial sum covers (rank 0's own under torchrun), for the time left."""
 
     def __bool__(self) -> bool:  # something to resume
         return bool(self.entries or self.states)
 
     def describe(self) -> str:
         calls = f"{self.entries} HVP calls" + (f" ({self.columns} HVPs)" if self.columns > self.entries else "")
-        parts = ([calls] if self.entries else []) + [f"the partial {s.replace('_', '-')} sum" for s in self.states]
+        done = f" ({self.state_done} samples)" if self.state_done else ""
+        parts = ([calls] if self.entries else []) + [f"the partial {s.replace('_', '-')} sum{done}" for s in self.states]
         return " and ".join(parts) or "nothing"
 
 
@@ -96,7 +99,19 @@ def recorded(directory: str | Path, identity: Mapping[str, Any]) -> Recorded | N
         except Exception:  # noqa: BLE001 - an unreadable entry is where the replay will stop
             break
         k += 1
-    return Recorded(k, meta.get("kernel"), _states(directory), columns)
+    return Recorded(k, meta.get("kernel"), _states(directory), columns, _state_done(directory))
+
+
+def _state_done(directory: Path) -> int:
+    """``done`` of the first saved state (single process, or rank 0's), memory-mapped; 0 when none."""
+    for path in sorted(directory.glob("state_*.pt")):
+        if "@" in path.stem and not path.stem.split("@")[1].startswith("0of"):
+            continue
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("done", 0))
+        except Exception:  # noqa: BLE001 - unreadable: the measure starts that part afresh
+            return 0
+    return 0
 
 
 def _states(directory: Path) -> tuple[str, ...]:
