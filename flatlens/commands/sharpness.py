@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             est = step.estimate(obj, args)
             jdir, resumable = None, None
             if est.n_hvp or est.state_bytes:  # a killed run's journal: its kernel, before the kernels are timed
-                ident = _journal_identity(obj, fp)
+                ident = obj.journal_identity({"fingerprint": fp})  # the one obj.journal opens under
                 jdir = J.journal_dir(out, "+".join(sorted(step.members)), ident)  # --measures' order changes nothing
                 resumable = D.broadcast_object(ctx, J.recorded(jdir, ident) if ctx.is_main else None)
             pinned = bool(resumable and resumable.kernel and args.journal != "off" and obj.prefer_kernel(resumable.kernel))
@@ -259,11 +259,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         D.teardown(ctx, finished)
     return 0
-
-
-def _journal_identity(obj, fp: str) -> dict:
-    """What pins a step's journal: the Objective's Hessian and the step's fingerprint (as ``obj.journal`` adds it)."""
-    return {**obj.journal_identity(), "fingerprint": fp}
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from flatlens.errors import FlatlensError
-from flatlens.measure.params import parameter_groups
+from flatlens.measure.params import parameter_groups, update_sha256
 from flatlens.seeding import check_seed, generator
 
 NORMS = ("filter", "layer", "none")
@@ -79,9 +79,8 @@ class Directions:
         h = hashlib.sha256()
         for axis, (tensors, buffers) in enumerate(zip(self.axes, self.buffer_axes or [[]] * self.dims)):
             for name, t in list(zip(self.names, tensors)) + list(zip(self.buffer_names, buffers)):
-                c = t.detach().cpu().contiguous()
-                h.update(f"{axis}:{name}:{c.dtype}:{tuple(c.shape)};".encode())
-                h.update(c.view(-1).view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+                h.update(f"{axis}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                update_sha256(h, t)
         return h.hexdigest()
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> list[list[Tensor]]:

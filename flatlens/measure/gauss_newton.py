@@ -405,10 +405,8 @@ def hessian_diagonal(obj: Any, *, check: bool = True, check_samples: int = 2, ch
             progress(resumed)
 
     def save(done: int) -> None:
-        if journal is not None:
-            journal.save_state("gauss_newton", {"key": key, "diag": diag.cpu(), "n_backward": n_backward,
-                                                "at": list(at), "done": done, "steps": steps.state()},
-                               per_rank=per_rank)
+        journal.save_state("gauss_newton", {"key": key, "diag": diag.cpu(), "n_backward": n_backward,
+                                            "at": list(at), "done": done, "steps": steps.state()}, per_rank=per_rank)
 
     save_every = SAVE_EVERY if save_every is None else save_every
     done_total, last_save = resumed, time.monotonic()

@@ -43,6 +43,7 @@ from torch import Tensor
 from flatlens import distributed as D
 from flatlens.atomic import atomic_write_bytes, atomic_write_text
 from flatlens.errors import FlatlensError
+from flatlens.measure.params import update_sha256
 
 __all__ = ["HvpJournal", "Recorded", "input_sha256", "recorded", "pending", "IDENTITY_LEFT_OUT"]
 
@@ -54,9 +55,8 @@ world size and the kernel only round differently; the checkpoint path may move; 
 
 def input_sha256(t: Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (what decides its product bitwise)."""
-    c = t.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{c.dtype}{tuple(c.shape)}".encode())
-    h.update(c.reshape(-1).view(torch.uint8).numpy())  # the buffer itself (tobytes() doubled the time)
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    update_sha256(h, t)
     return h.hexdigest()
 
 
@@ -81,16 +81,30 @@ class Recorded(NamedTuple):
         return " and ".join(parts) or "nothing"
 
 
+def _normalized(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` as its JSON reads back (how it is stored in, and compared with, a journal's meta)."""
+    return json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
+
+
+def _read_meta(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def recorded(directory: str | Path, identity: Mapping[str, Any]) -> Recorded | None:
     """What the journal in ``directory`` holds when it was recorded under ``identity``, else None.
     Reads only; :class:`HvpJournal` is what opens (and clears) one."""
     directory = Path(directory)
-    try:
-        meta = json.loads((directory / META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    meta = _read_meta(directory)
+    if meta is None or meta.get("identity") != _normalized(identity):
         return None
-    if meta.get("identity") != json.loads(json.dumps(dict(identity), sort_keys=True, default=str)):
-        return None
+    return _contents(directory, meta)
+
+
+def _contents(directory: Path, meta: Mapping[str, Any]) -> Recorded:
+    """The entries a replay can reach (consecutive from 0), their HVPs, and the saved states of a journal."""
     k = columns = 0
     while _entry(directory, k).exists():
         try:  # memory-mapped: the header gives the shape without reading the output
@@ -135,7 +149,7 @@ class HvpJournal:
     def __init__(self, directory: str | Path, identity: Mapping[str, Any], *, ctx: D.DistContext | None = None) -> None:
         self.directory = Path(directory)
         self.ctx = ctx if ctx is not None else D.current()
-        self.identity = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
+        self.identity = _normalized(identity)
         self.found = 0
         self.replayed = 0
         self.recorded = 0
@@ -342,7 +356,7 @@ def journal_dir(out: str | Path, step: str, identity: Mapping[str, Any]) -> Path
     another setup (e.g. a quick ``--samples 64`` check into the same file) never clears the journal a killed
     long run left."""
     out = Path(out)
-    digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(_normalized(identity), sort_keys=True).encode()).hexdigest()[:12]
     return out.with_name(out.name + ".journal") / f"{step}-{digest}"
 
 
@@ -352,9 +366,10 @@ def pending(out: str | Path) -> dict[str, dict[str, int]]:
     folder = Path(out).with_name(Path(out).name + ".journal")
     found: dict[str, dict[str, int]] = {}
     for step in sorted(p for p in folder.glob("*") if (p / META).is_file()):
-        entries, states = list(step.glob("hvp_*.pt")), list(step.glob("state_*.pt"))
-        found[step.name] = {"hvp_calls": len(entries), "states": list(_states(step)),
-                            "bytes": sum(e.stat().st_size for e in entries + states)}
+        held = _contents(step, _read_meta(step) or {})  # what a rerun would resume, as sharpness reads it
+        files = list(step.glob("hvp_*.pt")) + list(step.glob("state_*.pt"))
+        found[step.name] = {"hvp_calls": held.entries, "states": list(held.states),
+                            "bytes": sum(f.stat().st_size for f in files)}
     return found
 
 

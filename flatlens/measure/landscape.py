@@ -59,7 +59,7 @@ from flatlens.measure.directions import (
     trajectory_checkpoints,
 )
 from flatlens.measure.grid import Axis, Schedule, parse_range, schedule
-from flatlens.measure.params import ParamSpace
+from flatlens.measure.params import ParamSpace, update_sha256
 from flatlens.seeding import check_seed
 
 GROUP_PREFIX = "landscape"
@@ -113,9 +113,8 @@ def _weights_sha256(model: torch.nn.Module) -> str:
     """sha256 of every parameter and buffer value (what the surface is a function of)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        c = t.detach().cpu().contiguous()
-        h.update(f"{name}:{c.dtype}:{tuple(c.shape)};".encode())
-        h.update(c.view(-1).view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        update_sha256(h, t)
     return h.hexdigest()
 
 

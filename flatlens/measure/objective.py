@@ -37,6 +37,7 @@ from flatlens.measure.linalg import _check_int
 from flatlens.measure.memory import _bytes, available_bytes, require_memory
 from flatlens.measure.params import (
     ParamSpace, include_groups, inert_step_sizes, left_out_of_groups, parameter_groups, select_parameters,
+    update_sha256,
 )
 from flatlens.measure.twice import uncompiled
 from flatlens.seeding import check_seed, generator
@@ -344,7 +345,7 @@ class Objective:
             h = hashlib.sha256()
             for x, y in self.batches:
                 for t in (x, y):  # the raw bytes (numpy has no bfloat16); the same bytes numpy() gives
-                    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                    update_sha256(h, t)
             return h.hexdigest()
         return hashlib.sha256(self.sample_ids.numpy().astype("int64").tobytes()).hexdigest()
 
@@ -547,8 +548,9 @@ class Objective:
             self.n_hvp += count
         return out
 
-    def journal_identity(self) -> dict[str, Any]:
-        """What pins the Hessian a journal of this Objective holds products of (see :mod:`~flatlens.measure.journal`)."""
+    def journal_identity(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What pins the Hessian a journal of this Objective holds products of (see :mod:`~flatlens.measure.journal`),
+        with ``extra`` (e.g. the measure's settings) added: the identity :meth:`journal` opens a journal under."""
         from flatlens.measure.journal import IDENTITY_LEFT_OUT
         from flatlens.measure.params import model_state_hash
 
@@ -559,7 +561,7 @@ class Objective:
         info["param_names"] = list(self.space.names)
         info["n_params"] = self.space.numel
         info["dtype"] = str(self.space.dtype)
-        return info
+        return {**info, **(extra or {})}
 
     def prefer_kernel(self, kernel: str) -> bool:
         """Use ``kernel`` instead of timing the kernels, if this Objective's kernel is ``"auto"`` and not yet
@@ -586,7 +588,7 @@ class Objective:
 
         if self._journal is not None:
             raise FlatlensError("an HVP journal is already open on this Objective; open one at a time")
-        jr = HvpJournal(directory, {**self.journal_identity(), **(identity or {})}, ctx=self.ctx)
+        jr = HvpJournal(directory, self.journal_identity(identity), ctx=self.ctx)
         if jr.recorded_kernel:
             self.prefer_kernel(jr.recorded_kernel)  # the kernel itself is recorded at the first product
         self._journal = jr

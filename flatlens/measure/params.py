@@ -171,6 +171,16 @@ def select_parameters(model: nn.Module, include: Sequence[str] = ("weights",), s
     return names
 
 
+def update_sha256(h: "hashlib._Hash", t: Tensor) -> None:
+    """Feed the raw bytes of ``t`` (contiguous, on CPU; any dtype, bfloat16 included) into the hash ``h``.
+
+    The one place flatlens hashes tensor contents (model states, sample subsets, landscape directions, HVP
+    journal inputs); the numpy view is fed as it is, without a ``tobytes()`` copy."""
+    c = t.detach().contiguous().cpu()
+    if c.numel():
+        h.update(c.reshape(-1).view(torch.uint8).numpy())
+
+
 def model_state_hash(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (bytes, dtype, shape), the training flags, the
     ``requires_grad`` flags and whether each ``.grad`` is set: what a measure must leave unchanged."""
@@ -179,7 +189,7 @@ def model_state_hash(model: nn.Module) -> str:
         data = t.detach()
         h.update(f"{name}:{data.dtype}:{tuple(data.shape)}:{getattr(t, 'requires_grad', False)}:"
                  f"{getattr(t, 'grad', None) is not None};".encode())
-        h.update(data.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        update_sha256(h, data)
     for mname, m in model.named_modules():
         h.update(f"{mname}:{m.training};".encode())
     return h.hexdigest()
