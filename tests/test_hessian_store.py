@@ -174,3 +174,31 @@ def test_writes_survive_sigkill(tmp_path, results):
     assert r["trace"] == tr.estimate  # the merge kept the other measure
     store.ensure_file(p, {})  # removes the temporary copy a killed writer may leave
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_write_of_several_results_is_one_transaction(tmp_path, results, monkeypatch):
+    """write(path, eig, tr, dens) merged each result in its own atomic write: a kill between them (the shared
+    run writes its eigenvalues and density together, before the trace probes) kept the eigenvalues without
+    the density. One transaction now, holding what the writes one by one held."""
+    obj, eig, eig0, tr, dens = results
+    apart = tmp_path / "apart.h5"
+    for r in (eig, tr, dens):
+        fl.hessian.write(apart, r)
+    calls = []
+    real = store.merge_group
+    monkeypatch.setattr(store, "merge_group", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    together = tmp_path / "together.h5"
+    fl.hessian.write(together, eig, tr, dens)
+    assert calls == ["hessian"]
+
+    def flat(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}/")
+            elif not k.endswith("written"):  # timestamps
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(fl.hessian.read(apart))), dict(flat(fl.hessian.read(together)))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k

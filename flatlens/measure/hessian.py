@@ -1401,9 +1401,12 @@ def write(path: str | Path, *results: _Stored, replace: bool = False) -> Path:
     if lost and not replace:
         raise FlatlensError(describe_drop(p, stored[0][1], lost, differ) + "; one group holds one setup, so this "
                             "write would drop them: pass replace=True to replace the group, or write to another file")
-    for r, (datasets, attrs) in zip(results, stored):
-        store.merge_group(p, GROUP, datasets, attrs, match=SHARED_KEYS, drop=r.OWNED, drop_attr_prefixes=r.PREFIXES,
-                          finalize=_finalize)
+    # ONE transaction for all results: a kill between per-result writes kept the eigenvalues of a shared run
+    # without its density (the measures own disjoint datasets and attribute prefixes, and agree on the rest)
+    datasets = {k: v for ds, _ in stored for k, v in ds.items()}
+    attrs = {k: v for _, a in stored for k, v in a.items()}
+    store.merge_group(p, GROUP, datasets, attrs, match=SHARED_KEYS, drop=[k for r in results for k in r.OWNED],
+                      drop_attr_prefixes=[x for r in results for x in r.PREFIXES], finalize=_finalize)
     return p
 
 
