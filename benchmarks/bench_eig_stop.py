@@ -109,7 +109,9 @@ def run_config(arch: str, n: int, size: int, args, counter: B.PyHessianCounter, 
             cert = max(float(e.rel_error_bound.max()) for e in rs)
             est = max(float(e.gap_rel_error_estimate.max()) for e in rs)
             note = f"certified <= {cert:.1e}" + (f"; stopped on the estimate <= {est:.1e}" if stop == "gap" else "")
-            rows.append((f"top-{k} flatlens stop={stop!r}", [e.n_hvp for e in rs], [e.seconds for e in rs], err, note))
+            note += f"; {rs[0].start} start" + (" (its gradient pass counted as one HVP)" if any(e.n_grad for e in rs) else "")
+            rows.append((f"top-{k} flatlens stop={stop!r}", [e.n_hvp + e.n_grad for e in rs], [e.seconds for e in rs],
+                         err, note))
             runs[(k, stop)] = (rs, err)
     py = pyhessian_top5(model, x, y, seeds[:args.pyhessian_repeats], counter) if args.pyhessian_repeats else []
     if py:

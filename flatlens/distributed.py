@@ -65,7 +65,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def setup(device: str = "auto") -> DistContext:
     """Initialise torch.distributed when launched by torchrun; return this process's context."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world <= 1:

@@ -14,19 +14,20 @@ from test_hessian import CASES, _bn_cnn, _data, dense_hessian
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("case", ["mlp", "bn_cnn"])
-def test_gradient_start_gives_the_dense_top_eigenvalue(case):
+def test_gradient_start_gives_the_dense_top_eigenvalues(case, k):
     obj = CASES[case]()
-    top = float(torch.linalg.eigvalsh(dense_hessian(obj))[-1])
+    top = torch.linalg.eigvalsh(dense_hessian(obj)).flip(0)[:k]
     grads_before = obj.n_grad
-    eig = fl.hessian.eigenvalues(obj, k=1, tol=1e-7, max_iter=obj.space.numel)  # auto: gradient for k=1
+    eig = fl.hessian.eigenvalues(obj, k=k, tol=1e-7, max_iter=obj.space.numel)  # auto: gradient for the top
     assert eig.start == "gradient" and eig.all_converged
-    assert float(eig.values[0]) == pytest.approx(top, rel=1e-4)
+    assert torch.allclose(eig.values.to(top.dtype), top, rtol=1e-4, atol=0)
     free = obj.hvp_engine.kernel == "graph_reuse"
     assert eig.n_grad == (0 if free else 1) and obj.n_grad - grads_before == eig.n_grad
-    rnd = fl.hessian.eigenvalues(obj, k=1, tol=1e-7, max_iter=obj.space.numel, start="random")
+    rnd = fl.hessian.eigenvalues(obj, k=k, tol=1e-7, max_iter=obj.space.numel, start="random")
     assert rnd.start == "random" and rnd.n_grad == 0
-    assert float(rnd.values[0]) == pytest.approx(top, rel=1e-4)
+    assert torch.allclose(rnd.values.to(top.dtype), top, rtol=1e-4, atol=0)
 
 
 def test_graph_reuse_gradient_comes_with_the_graphs_and_equals_grad():
@@ -55,9 +56,10 @@ def test_graph_reuse_gradient_comes_with_the_graphs_and_equals_grad():
 
 def test_auto_rule_and_bad_starts():
     obj = CASES["mlp"]()
-    assert fl.hessian.eigenvalues(obj, k=2).start == "random"  # more than the top: random start
-    assert fl.hessian.eigenvalues(obj, k=1, k_bottom=1).start == "random"
-    assert fl.hessian.eigenvalues(obj, k=2, start="gradient").start == "gradient"
+    assert fl.hessian.eigenvalues(obj, k=2).start == "gradient"  # top eigenvalues alone: gradient start
+    assert fl.hessian.eigenvalues(obj, k=1, k_bottom=1).start == "random"  # the bottom too: random start
+    assert fl.hessian.eigenvalues(obj, k=0, k_bottom=2).start == "random"
+    assert fl.hessian.eigenvalues(obj, k=2, start="random").start == "random"
     A = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
     bare = fl.hessian.eigenvalues(A, k=1, tol=1e-8)  # an operator has no gradient: auto is random
     assert bare.start == "random" and float(bare.values[0]) == pytest.approx(20.0, rel=1e-8)

@@ -15,7 +15,7 @@ from torch import nn
 import flatlens as fl
 from flatlens.errors import FlatlensError, StoreError
 from flatlens.measure.directions import (
-    cosine, gaussian, landscape_parameters, normalize, random_directions,
+    gaussian, landscape_parameters, normalize, random_directions,
 )
 from flatlens.measure.grid import parse_range, schedule, stride_chain
 from flatlens.measure.landscape import surface
