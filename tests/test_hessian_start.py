@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("case", ["mlp", "bn_cnn"])
+@pytest.mark.parametrize("case", ["mlp", "bn_cnn", "quant_dequant"])
 def test_gradient_start_gives_the_dense_top_eigenvalues(case, k):
     obj = CASES[case]()
     top = torch.linalg.eigvalsh(dense_hessian(obj)).flip(0)[:k]
