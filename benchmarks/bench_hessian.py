@@ -336,8 +336,8 @@ def bench_model(arch: str, n: int, args, counter: PyHessianCounter) -> dict:
           + ", ".join(f"{k} {v:.2f}x" for k, v in kc.items() if k != "gradient_s"), flush=True)
 
     # flatlens and PyHessian, interleaved per repeat
-    fl_runs: dict = {"top1": [], "top1_random": [], "top5": [], "top5_random": [], "top5_gap": [], "trace": [], "trace_hutchpp": [],
-                     "density": [], "joint": []}
+    fl_runs: dict = {"top1": [], "top1_random": [], "top5": [], "top5_random": [], "top5_gap": [], "trace": [],
+                     "trace_hutchpp": [], "density": [], "joint": []}
     py = {"top1": [], "top5": [], "trace": [], "setup_s": []}
     for r, seed in enumerate(seeds):
         fl_runs["top1"].append(H.eigenvalues(obj, k=1, tol=1e-3, seed=seed))
