@@ -250,7 +250,8 @@ class HvpJournal:
             self._queue = queue.Queue(maxsize=2)
             self._writer = threading.Thread(target=self._write_loop, name="hvp-journal", daemon=True)
             self._writer.start()
-        self._queue.put((k, V.detach().cpu().clone(), out.detach().cpu().clone()))
+        # one copy to host memory whatever the device (``.cpu().clone()`` copied a GPU tensor twice)
+        self._queue.put((k, V.detach().to("cpu", copy=True), out.detach().to("cpu", copy=True)))
 
     def _write_loop(self) -> None:
         while True:
