@@ -30,7 +30,8 @@ def _add_hessian_args(g: Any) -> None:
                    help="residual: certified r <= tol|theta|/(1+tol); gap: the sharper uncertified r^2/gap estimate")
     g.add_argument("--eig-start", default="auto", choices=EIG_STARTS,
                    help="Lanczos start: gradient (+ random), random, or auto (gradient unless --k-bottom asks for "
-                        "the bottom too); with density the shared run starts from the density's first probe unless this is gradient")
+                        "the bottom too); with density the shared run starts from the density's first probe unless "
+                        "this is gradient")
 
 
 def _add_trace_args(g: Any) -> None:
