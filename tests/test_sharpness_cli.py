@@ -432,3 +432,19 @@ def test_info_describes_an_analysis_file(analysis, tmp_path):
         f["x"] = 1
     bad = flatlens_cmd("info", str(foreign))
     assert bad.returncode == 2 and "not a flatlens analysis file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("kernel, start, extra", [("double_backward", "auto", ", 1 gradient ≈"),
+                                                   ("graph_reuse", "auto", " ≈"),
+                                                   ("double_backward", "random", " ≈"),
+                                                   ("forward_over_reverse", "gradient", ", 1 gradient ≈")])
+def test_the_predicted_cost_counts_the_gradient_a_start_spends(tiny_run, tmp_path, capsys, kernel, start, extra):
+    """The gradient start spends one forward+backward under every kernel but graph_reuse (whose retained graphs
+    hold the gradient): the predicted cost says so, as the stored ``eigenvalue_n_grad`` does."""
+    out = tmp_path / "a.h5"
+    assert main(["sharpness", str(tiny_run / "model.pt"), "--measures", "hessian", "--samples", "64", "--batch-size",
+                 "32", "--kernel", kernel, "--eig-start", start, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    line = next(x for x in said.splitlines() if x.startswith("[hessian] predicted cost:"))
+    assert "0 forward passes" + extra in line, line
+    assert store.read(out)["hessian"]["attrs"]["eigenvalue_n_grad"] == int("gradient" in extra)

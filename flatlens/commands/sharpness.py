@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from flatlens.commands import HelpFormatter, accept_negative_ranges, path_arg, seed_arg
@@ -207,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
             if est.n_hvp and (not kernel_said or pinned):
                 say(_kernel_line(obj) + (" (the killed run's, from its journal)" if pinned else ""))
                 kernel_said = True
+            if est.gradient_start and obj.hvp_engine.kernel != "graph_reuse":  # the kernel is known now
+                est = replace(est, n_grad=est.n_grad + 1)
             eta = est.n_hvp * hvp_s + (est.n_forward + 2 * est.n_grad) * t_forward + (est.seconds or 0.0)
             if est.n_vector or est.n_draw:  # timed only for a step with vector work (not a landscape)
                 t_pass, t_draw = _vector_seconds(obj)
@@ -225,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
                     write_time=lambda: J.write_seconds(out.parent, obj.space.numel, obj.space.params[0].dtype)
                     if ctx.is_main else 0.0)
             say(f"[{name}] predicted cost: {'at most ' if est.at_most else ''}{est.n_hvp} HVPs, {est.n_forward} "
-                "forward passes" + (f", {est.n_grad} gradients" if est.n_grad else "")
+                "forward passes" + (f", {est.n_grad} gradient{'s' if est.n_grad > 1 else ''}" if est.n_grad else "")
                 + f" {'<=' if est.at_most else '≈'} {_fmt_seconds(eta)}"
                 + (f" ({est.note})" if est.note else "") + (f"; {why}" if why else ""))
             journaled = bool(D.broadcast_object(ctx, journaled))  # rank 0 saw the disk

@@ -650,6 +650,15 @@ EIG_STARTS = ("auto", "random", "gradient")
 """Start vectors :func:`eigenvalues` can use."""
 
 
+def resolved_start(start: str, k_bottom: int, *, has_objective: bool = True) -> str:
+    """The start ``auto`` stands for: ``gradient`` for top eigenvalues only (measured in the README's "Starting
+    from the gradient"), ``random`` with ``k_bottom`` (it favours no end of the spectrum) or without an Objective
+    (a bare operator has no gradient). Other starts are returned as they are."""
+    if start == "auto":
+        return "gradient" if has_objective and k_bottom == 0 else "random"
+    return start
+
+
 def _start_vector(src: _Source, start: Any, k: int, k_bottom: int,
                   gen: torch.Generator) -> tuple[Tensor | None, str, int]:
     """(v0 for Lanczos or None for its own Rademacher start, the start used, gradient passes spent).
@@ -659,8 +668,7 @@ def _start_vector(src: _Source, start: Any, k: int, k_bottom: int,
     """
     if start not in EIG_STARTS:
         raise FlatlensError(f"start={start!r} is not a start vector; pass one of {', '.join(EIG_STARTS)}")
-    if start == "auto":
-        start = "gradient" if src.obj is not None and k_bottom == 0 else "random"
+    start = resolved_start(start, k_bottom, has_objective=src.obj is not None)
     if start == "random":
         return None, start, 0
     if src.obj is None:

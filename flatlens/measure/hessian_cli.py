@@ -18,7 +18,7 @@ from flatlens.errors import FlatlensError
 from flatlens.measure import linalg as L
 from flatlens.measure.gauss_newton import PER_SAMPLE_MODES
 from flatlens.measure.hessian import (EIG_STARTS, GROUP, TRACE_METHODS, _check_trace_args, _Stored, density,
-                                      eigenvalues, spectrum, trace, write)
+                                      eigenvalues, resolved_start, spectrum, trace, write)
 
 
 def _add_hessian_args(g: Any) -> None:
@@ -206,6 +206,7 @@ def _register() -> None:
         typical = 3 * args.k + 3 + (12 + 3 * args.k_bottom if args.k_bottom else 0)
         rule = "its r^2/gap estimate meets" if args.eig_stop == "gap" else "certified to"
         return Estimate(n_hvp=min(cap, typical), n_vector=lanczos_vector_passes(min(cap, typical)), n_draw=1,
+                        gradient_start=resolved_start(args.eig_start, args.k_bottom) == "gradient",
                         note=f"typical; Lanczos stops when {rule} --tol {args.tol:g}; at most {cap}")
 
     def run_hessian(obj: Any, args: Any, ctx: Any):

@@ -43,6 +43,10 @@ class Estimate:
     state_bytes: int = 0
     """Disk a resumable step that spends no HVPs keeps in its journal (the Gauss-Newton diagonal's partial sum):
     with it, ``flatlens sharpness --journal`` considers such a step too."""
+    gradient_start: bool = False
+    """The measure starts Lanczos from the gradient: one forward+backward more, unless the HVP kernel is
+    ``graph_reuse``, whose retained graphs hold the gradient already. The kernel is chosen after the estimate,
+    so the command adds that gradient to ``n_grad`` once it knows the kernel."""
     at_most: bool = False
     """The counts are a budget the measure may stop short of (a trace that stops at its CI target): the cost
     line then says "at most" and "<=" instead of "≈" (a README run predicted ≈ 53 s and took 16 s)."""
