@@ -28,7 +28,7 @@ measured route accepts the ``gap`` rule when every value's error against the ref
     python benchmarks/bench_eig_stop.py                    # MNIST-CNN 64 (16x16) + ResNet-18 16
     python benchmarks/bench_eig_stop.py --configs mnist_cnn:512,mnist_cnn:64:32,resnet18:512 --threads 2
 
-Results and their reading: README.md, "Speed and accuracy vs PyHessian".
+Where the goals stand: README.md, "Speed and accuracy vs PyHessian"; every run: benchmarks/RESULTS-hessian.md.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ alone took 30 minutes, ``--models resnet18 --resnet-samples 512`` 89 minutes (~2
 ``--models mnist_cnn --mnist-samples 1792 --repeats 2`` 91 minutes (~5 s per HVP; the embedded digits
 hold 1,797 samples, so 2048 needs ``--data random``).
 ``--quick`` took 19 s on the quiet VM.
-Results and their reading: README.md, "Speed and accuracy vs PyHessian".
+Where the goals stand: README.md, "Speed and accuracy vs PyHessian"; every run: benchmarks/RESULTS-hessian.md.
 """
 
 from __future__ import annotations
