@@ -486,17 +486,16 @@ def export_loss_landscape(path: str | Path, name: str | None = None, out_dir: st
       ``ycoordinates``, ``train_loss`` and ``train_acc`` (in percent, as theirs). 2-D arrays are
       (ny, nx) with ``[j, i] = f(x_i, y_j)``, the shape their ``plot_2D.py`` needs for any grid (their
       own writer gets non-square grids wrong). Points not yet computed are NaN (their sentinel was -1).
-      The values are whatever split the surface used (the names are theirs).
+      The values are whatever split the surface used (the names are theirs). Each file is written whole or
+      not at all (a temporary copy renamed over it).
     """
-    import h5py
-
     p = Path(path)
     s = load_surface(p, name)
     out = Path(out_dir) if out_dir else p.parent
     out.mkdir(parents=True, exist_ok=True)
     model_names, shapes, dirs = _read_directions(p, s.name)
     dir_file = out / f"{s.name}_directions.h5"
-    with h5py.File(dir_file, "w") as f:
+    with store.new_h5(dir_file) as f:
         for axis in sorted(dirs):
             g = f.create_group(f"{axis}direction")
             for k, (pname, shape) in enumerate(zip(model_names, shapes)):
@@ -504,7 +503,7 @@ def export_loss_landscape(path: str | Path, name: str | None = None, out_dir: st
     x = s.x
     rng = f"[{x[0]:g},{x[-1]:g},{len(x)}]" + (f"x[{s.y[0]:g},{s.y[-1]:g},{len(s.y)}]" if s.dims == 2 else "")
     surf_file = out / f"{s.name}_surface_{rng}.h5"
-    with h5py.File(surf_file, "w") as f:
+    with store.new_h5(surf_file) as f:
         f["dir_file"] = str(dir_file)
         f["xcoordinates"] = x
         if s.dims == 2:

@@ -21,16 +21,23 @@ default to ``analysis.h5`` beside it): every write transaction holds an exclusiv
 (:func:`write_lock`, POSIX ``flock`` on a hidden ``.NAME.lock`` beside it), so their copies and renames
 cannot overlap. Without it the second writer's rename dropped the first one's group, and one writer's
 clean-up of "stale" temporary copies deleted the other's copy in flight (crashes deep in h5py).
+On a file system without locks (an NFS mount without lockd, some Lustre and FUSE mounts: ``flock`` and
+HDF5's own lock fail with ENOLCK, ENOSYS or EOPNOTSUPP) both locks are skipped with one warning per
+folder, as ``HDF5_USE_FILE_LOCKING=FALSE`` would do by hand; one writer per file at a time is then the
+user's to ensure.
 
 :func:`read` returns plain dicts of numpy arrays and attributes, which is all figure scripts need.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -87,6 +94,43 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
+_NO_LOCKS = frozenset(e for e in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", None)) if e)
+"""Errors of a lock request on a file system that has no locks (NFS without lockd, some Lustre/FUSE mounts)."""
+
+_BUSY = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
+"""Errors of a non-blocking lock request that another process's lock refused."""
+
+_WARNED_NO_LOCKS: set[str] = set()
+
+
+def _warn_no_locks(folder: Path, detail: str) -> None:
+    """Say once per folder that its file system has no locks and flatlens goes on without them."""
+    key = str(folder.resolve())
+    if key not in _WARNED_NO_LOCKS:
+        _WARNED_NO_LOCKS.add(key)
+        warnings.warn(f"the file system of {folder} has no file locks ({detail}): flatlens reads and writes its "
+                      "analysis files there without them, so run one writer per file at a time", stacklevel=3)
+
+
+def _hdf5_lock_errno(exc: OSError) -> int | None:
+    """The errno of HDF5's failed file lock (its message says ``unable to lock file, errno = 37, ...``), or None
+    for any other error."""
+    m = re.search(r"unable to lock file, errno = (\d+)", str(exc))
+    return int(m.group(1)) if m else None
+
+
+def h5_file(path: str | Path, mode: str) -> Any:
+    """``h5py.File(path, mode)``; on a file system without locks, the same without HDF5's lock (warned once)."""
+    h5py = _h5py()
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        if _hdf5_lock_errno(exc) not in _NO_LOCKS:
+            raise
+        _warn_no_locks(Path(path).parent, f"HDF5: {os.strerror(_hdf5_lock_errno(exc) or 0)}")
+    return h5py.File(path, mode, locking=False)
+
+
 _HELD: dict[str, list[Any]] = {}
 """Locks this process holds: lock file -> [descriptor, exclusive]. A nested request is served by the
 outer holder (which releases it), upgrading a shared lock to exclusive for its duration."""
@@ -139,7 +183,14 @@ def _file_lock(path: str | Path, exclusive: bool) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            _warn_no_locks(p.parent, f"flock: {exc.strerror}")
+            yield
+            return
         _HELD[key] = [fd, exclusive]
         try:
             yield
@@ -163,7 +214,7 @@ def write_lock(path: str | Path):
 
 
 def _locked_by_another(exc: OSError) -> bool:
-    return getattr(exc, "errno", None) == 11 or "unable to lock file" in str(exc)
+    return _hdf5_lock_errno(exc) in _BUSY
 
 
 @contextmanager
@@ -177,13 +228,12 @@ def open_h5(path: str | Path, mode: str = "r") -> Iterator[Any]:
     :func:`write_lock`; a file still held by another program is retried for :data:`HDF5_LOCK_WAIT`
     seconds, then a one-line StoreError says what holds it.
     """
-    h5py = _h5py()
     with _file_lock(path, exclusive=mode != "r"):
         deadline = time.monotonic() + HDF5_LOCK_WAIT
         delay = 0.05
         while True:
             try:
-                f = h5py.File(path, mode)
+                f = h5_file(path, mode)
                 break
             except OSError as exc:
                 if not _locked_by_another(exc):
@@ -214,30 +264,46 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
+def _h5_replacing(path: Path, *, copy: bool) -> Iterator[Any]:
+    """Context: an h5py File on a temporary file beside ``path`` (a copy of it when ``copy`` and it exists) that
+    is fsynced and renamed over ``path`` on success, and removed on failure."""
+    try:
+        fd, tmp = temp_file_beside(path)  # with the mode of the file it replaces (not mkstemp's 0600)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {_one_line(exc)}; choose another --out") from None
+    os.close(fd)
+    try:
+        if copy and path.exists():
+            shutil.copyfile(path, tmp)
+            f = h5_file(tmp, "r+")
+        else:
+            f = h5_file(tmp, "w")
+        try:
+            yield f
+        finally:
+            f.close()
+        _fsync_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def new_h5(path: str | Path) -> Iterator[Any]:
+    """Context: an h5py File for a NEW file at ``path``, written whole or not at all (a temporary file beside
+    it, fsynced and renamed over ``path``; a kill leaves the old file, or none, never a half-written one).
+    For exports in other tools' layouts; analysis files go through :func:`write_group`."""
+    with _h5_replacing(Path(path), copy=False) as f:
+        yield f
+
+
+@contextmanager
 def _copy_on_write(path: Path) -> Iterator[Any]:
     """Context: yields an h5py File on a temporary copy of ``path``; on success it replaces ``path``.
     The whole transaction holds :func:`write_lock`."""
-    h5py = _h5py()
     with write_lock(path):
         _remove_stale_copies(path)
-        try:
-            fd, tmp = temp_file_beside(path)  # with the mode of the file it replaces (not mkstemp's 0600)
-        except OSError as exc:
-            raise StoreError(f"cannot write {path}: {_one_line(exc)}; choose another --out") from None
-        os.close(fd)
-        try:
-            if path.exists():
-                shutil.copyfile(path, tmp)
-                f = h5py.File(tmp, "r+")
-            else:
-                f = h5py.File(tmp, "w")
-            try:
-                yield f
-            finally:
-                f.close()
-            _fsync_replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with _h5_replacing(path, copy=True) as f:
+            yield f
 
 
 def check_file(path: str | Path, checkpoint_sha256: str | None = None, *, writing: bool = False) -> None:

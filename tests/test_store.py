@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -239,3 +240,74 @@ def test_readers_and_in_place_writers_do_not_collide(tmp_path):
     again = subprocess.run([sys.executable, "-c", GRID_WRITER, str(p), "1", "1"], env=env, capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0, again.stderr
+
+
+def _no_locks_here(monkeypatch):
+    """Make this process see a file system without locks (an NFS mount without lockd): ``flock`` and HDF5's own
+    lock fail with ENOLCK, as h5py reports it there (h5py issues #1082, #1101)."""
+    import fcntl
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    real = h5py.File
+
+    def File(name, mode="r", *args, locking=None, **kwargs):
+        if locking is not False:
+            raise OSError(errno.ENOLCK, "Unable to synchronously open file (unable to lock file, errno = 37, "
+                                        "error message = 'No locks available')")
+        return real(name, mode, *args, locking=locking, **kwargs)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(h5py, "File", File)
+    monkeypatch.setattr(store, "_WARNED_NO_LOCKS", set(), raising=False)
+    monkeypatch.setattr(store, "HDF5_LOCK_WAIT", 0.2)
+
+
+def test_a_file_system_without_locks_is_written_and_read_with_one_warning(tmp_path, monkeypatch):
+    """On NFS without lockd every flock and every HDF5 open failed: flatlens' own lock raised an OSError
+    traceback, and HDF5's 'unable to lock file, errno = 37' was taken for a file held by another program
+    (a minute's wait, then a wrong message). Both locks are now skipped there, with one warning per folder."""
+    _no_locks_here(monkeypatch)
+    p = tmp_path / "a.h5"
+    with pytest.warns(UserWarning, match="has no file locks") as caught:
+        store.ensure_file(p, PROV)
+        store.write_group(p, "hessian", {"eigenvalues": np.array([3.0, 2.0])}, {"measure": "hessian"})
+        store.write_group(p, "other", {"x": np.arange(3.0)}, {"measure": "other"})
+        grid = store.GridDatasets(p, "landscape/x")
+        grid.create((2, 4), ["loss"], {}, {"measure": "landscape"})
+        grid.write_block((0, slice(None)), {"loss": np.arange(4.0)})
+        got = store.read(p)
+        with store.new_h5(tmp_path / "export.h5") as f:
+            f["x"] = np.arange(2.0)
+    assert [str(w.message).count("has no file locks") for w in caught] == [1]
+    assert "run one writer per file at a time" in str(caught[0].message)
+    np.testing.assert_array_equal(got["hessian"]["eigenvalues"], [3.0, 2.0])
+    np.testing.assert_array_equal(got["other"]["x"], np.arange(3.0))
+    np.testing.assert_array_equal(got["landscape"]["x"]["loss"][0], np.arange(4.0))
+    monkeypatch.undo()
+    assert store.read(p)["hessian"]["attrs"]["measure"] == "hessian"  # a valid file for any reader
+    assert h5py.File(tmp_path / "export.h5", "r")["x"][()].tolist() == [0.0, 1.0]
+
+
+def test_other_lock_errors_still_raise(tmp_path, monkeypatch):
+    """Only a file system that has no locks is let through: a lock another process holds is waited for and
+    named (``test_readers_and_in_place_writers_do_not_collide``), and any other error is not hidden."""
+    import fcntl
+
+    def flock(fd, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.ensure_file(tmp_path / "a.h5", PROV)
+
+
+def test_an_export_killed_part_way_leaves_no_file(tmp_path):
+    """``new_h5`` (the loss-landscape exports) writes a whole file or none: an error inside leaves nothing."""
+    p = tmp_path / "export.h5"
+    with pytest.raises(RuntimeError):
+        with store.new_h5(p) as f:
+            f["x"] = np.arange(3.0)
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
