@@ -113,10 +113,12 @@ def _warn_no_locks(folder: Path, detail: str) -> None:
 
 
 def _hdf5_lock_errno(exc: OSError) -> int | None:
-    """The errno of HDF5's failed file lock (its message says ``unable to lock file, errno = 37, ...``), or None
-    for any other error."""
-    m = re.search(r"unable to lock file, errno = (\d+)", str(exc))
-    return int(m.group(1)) if m else None
+    """The errno of HDF5's failed file lock (its message says ``unable to lock file, errno = 37, ...``; a message
+    without the number counts as busy, as before), or None for any other error."""
+    m = re.search(r"unable to lock file(?:, errno = (\d+))?", str(exc))
+    if m is None:
+        return None
+    return int(m.group(1)) if m.group(1) else (exc.errno or errno.EAGAIN)
 
 
 def h5_file(path: str | Path, mode: str) -> Any:
