@@ -203,6 +203,9 @@ def test_density_against_dense_spectrum():
     coarse = fl.hessian.density(obj, n_probes=4, n_steps=40, seed=2, grid=11)
     assert torch.equal(coarse.nodes, d.nodes) and abs(coarse.grid_mass - 1.0) > 0.01
     assert "refine --density-grid" in dict(coarse.summary())["density curve"]
+    assert "(4 probes x 40 steps," in dict(d.summary())["spectrum"]
+    one = fl.hessian.density(obj, n_probes=1, n_steps=5, seed=2)  # PyHessian's split, one probe: said so
+    assert "(1 probe x 5 steps," in dict(one.summary())["spectrum"]
 
 
 def test_quantized_dequant_space_and_qgen_noise_terms():

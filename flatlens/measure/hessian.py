@@ -592,7 +592,7 @@ class DensityResult(_Stored):
 
     def summary(self) -> list[tuple[str, str]]:
         lo, hi = self.spectrum_bounds
-        rows = [("spectrum", f"[{lo:.4g}, {hi:.4g}] ({self.n_probes} probes x {self.n_steps} steps, sigma {self.sigma:.3g})")]
+        rows = [("spectrum", f"[{lo:.4g}, {hi:.4g}] ({self.n_probes} probe{'s' if self.n_probes != 1 else ''} x {self.n_steps} steps, sigma {self.sigma:.3g})")]
         mass = self.grid_mass
         if not abs(mass - 1.0) <= 0.01:
             h = float((self.grid[1:] - self.grid[:-1]).abs().max()) if self.grid.numel() > 1 else math.nan

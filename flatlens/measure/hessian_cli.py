@@ -246,7 +246,7 @@ def _register() -> None:
         return Estimate(n_hvp=args.density_probes * args.density_steps,
                         n_vector=args.density_probes * lanczos_vector_passes(args.density_steps),
                         n_draw=args.density_probes,
-                        note=f"{args.density_probes} probes x {args.density_steps} Lanczos steps")
+                        note=f"{args.density_probes} probe{'s' if args.density_probes != 1 else ''} x {args.density_steps} Lanczos steps")
 
     def run_density(obj: Any, args: Any, ctx: Any):
         bar, prog = _cli_progress(ctx, args.density_probes * args.density_steps, "density")
