@@ -287,7 +287,8 @@ def test_a_file_system_without_locks_is_written_and_read_with_one_warning(tmp_pa
     np.testing.assert_array_equal(got["landscape"]["x"]["loss"][0], np.arange(4.0))
     monkeypatch.undo()
     assert store.read(p)["hessian"]["attrs"]["measure"] == "hessian"  # a valid file for any reader
-    assert h5py.File(tmp_path / "export.h5", "r")["x"][()].tolist() == [0.0, 1.0]
+    with h5py.File(tmp_path / "export.h5", "r") as f:
+        assert f["x"][()].tolist() == [0.0, 1.0]
 
 
 def test_other_lock_errors_still_raise(tmp_path, monkeypatch):
