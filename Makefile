@@ -52,6 +52,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/bench_eig_stop.py --quick
 	$(PY) benchmarks/bench_landscape.py --quick
 	$(PY) benchmarks/bench_journal.py --quick
+	$(PY) benchmarks/bench_density.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -654,9 +654,11 @@ def report_model(res: dict, args, goals: list) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def dense_study(args, goals: list) -> None:
-    x, y = make_data("digits", 512, (1, 8, 8), args.seed)
-    torch.manual_seed(args.seed)
+def dense_mlp(seed: int, n: int = 512) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The small float64 MLP (64-16-10, tanh; 1,210 parameters) whose dense Hessian is the ground truth of the
+    coverage study (and of ``bench_density.py``), trained 200 full-batch Adam steps on ``n`` 8x8 digits."""
+    x, y = make_data("digits", n, (1, 8, 8), seed)
+    torch.manual_seed(seed)
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
     x = x.double()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -665,6 +667,11 @@ def dense_study(args, goals: list) -> None:
         F.cross_entropy(net(x), y).backward()
         opt.step()
     net.eval().zero_grad(set_to_none=True)
+    return net, x, y
+
+
+def dense_study(args, goals: list) -> None:
+    net, x, y = dense_mlp(args.seed)
     obj = Objective(net, batches=batches_of(x, y, 256), include=("all",), kernel="graph_reuse")
     names = obj.space.names
     base = {k: p.detach().clone() for k, p in net.named_parameters()}

@@ -1176,8 +1176,9 @@ def density(obj: Any, n_probes: int = 3, n_steps: int = 30, *, grid: int | Tenso
     within L1 1e-3 of a 4 x 200 reference). Finer detail needs longer runs, not more probes: one probe's
     stochastic error shrinks with the dimension (~ sqrt(2 / n)), ``n_steps`` sets the quadrature's
     resolution; at ``sigma`` = range / 1000 the L1 errors were 2.6 % (3 x 30), 0.5 % (2 x 50), 0.2 % (1 x 60)
-    and 0.1 % (1 x 100). Only small spaces gain from probes (1,210 parameters: 3 x 30 1.4x closer than 1 x 100
-    in Wasserstein distance). Long runs cost vector work quadratic in ``n_steps`` (full reorthogonalisation):
+    and 0.1 % (1 x 100). Only small spaces gain from probes (1,210 parameters: 3 x 30 1.4-2.5x closer than
+    1 x 100 in Wasserstein distance, L1 1.8 % against 2.6 % at the default sigma). ``benchmarks/bench_density.py``
+    measures this on any of the benchmark models. Long runs cost vector work quadratic in ``n_steps`` (full reorthogonalisation):
     on ResNet-18 (11 M parameters, 16 samples) :func:`spectrum` took 117 s at 3 x 30, 128 s at 1 x 60 (30 HVPs
     fewer) and 201 s at 1 x 100, hence the default.
     """
