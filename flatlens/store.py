@@ -130,7 +130,11 @@ def h5_file(path: str | Path, mode: str) -> Any:
         if _hdf5_lock_errno(exc) not in _NO_LOCKS:
             raise
         _warn_no_locks(Path(path).parent, f"HDF5: {os.strerror(_hdf5_lock_errno(exc) or 0)}")
-    return h5py.File(path, mode, locking=False)
+    try:
+        return h5py.File(path, mode, locking=False)
+    except ValueError as exc:  # an HDF5 build older than 1.10.7 / 1.12.1 cannot switch its lock off per file
+        raise StoreError(f"{path}: this file system has no file locks and this HDF5 build cannot open a file without "
+                         f"them ({_one_line(exc)}); set HDF5_USE_FILE_LOCKING=FALSE in the environment and rerun") from None
 
 
 _HELD: dict[str, list[Any]] = {}

@@ -291,6 +291,24 @@ def test_a_file_system_without_locks_is_written_and_read_with_one_warning(tmp_pa
         assert f["x"][()].tolist() == [0.0, 1.0]
 
 
+def test_an_old_hdf5_without_per_file_locking_says_what_to_set(tmp_path, monkeypatch):
+    """h5py refuses ``locking=False`` when its HDF5 is older than 1.10.7 / 1.12.1: a one-line error names the
+    environment variable that works there."""
+    _no_locks_here(monkeypatch)
+    fake = h5py.File
+
+    def File(name, mode="r", *args, locking=None, **kwargs):
+        if locking is False:
+            raise ValueError("HDF5 version >= 1.12.1 or 1.10.x >= 1.10.7 required for file locking options.")
+        return fake(name, mode, *args, locking=locking, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", File)
+    with pytest.warns(UserWarning, match="has no file locks"), pytest.raises(StoreError) as err:
+        store.ensure_file(tmp_path / "a.h5", PROV)
+    assert "set HDF5_USE_FILE_LOCKING=FALSE in the environment and rerun" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_other_lock_errors_still_raise(tmp_path, monkeypatch):
     """Only a file system that has no locks is let through: a lock another process holds is waited for and
     named (``test_readers_and_in_place_writers_do_not_collide``), and any other error is not hidden."""
