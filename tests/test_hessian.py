@@ -467,3 +467,18 @@ def test_lazy_api_exports():
 
     assert fl.hessian is H and fl.store is S and fl.Objective is Objective
     assert callable(fl.store.merge_group) and callable(fl.hessian.write) and callable(fl.hessian.read)
+
+
+def test_the_linalg_and_trace_estimator_functions_take_an_objective():
+    """The README names ``flatlens.measure.linalg`` and ``trace_estimators`` for direct use; they refused an
+    Objective ('pass ... an object with as_operator()'), which has that method now, with the same numbers as
+    its ``operator()``."""
+    from flatlens.measure import linalg as L
+    from flatlens.measure import trace_estimators as T
+
+    obj = CASES["mlp"]()
+    a = L.slq_density(obj, 1, 6, generator=3)
+    b = L.slq_density(obj.operator(), 1, 6, generator=3)
+    assert torch.equal(a.nodes, b.nodes) and torch.equal(a.weights, b.weights)
+    kw = dict(rtol=None, max_matvec=4, generator=1)
+    assert T.hutchinson(obj, **kw).estimate == T.hutchinson(obj.operator(), **kw).estimate

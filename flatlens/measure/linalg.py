@@ -2,7 +2,8 @@
 
 Everything here works on a :class:`SymmetricOperator` -- a ``matvec`` on flat vectors of length ``n``
 (plus an optional ``matmat`` on ``n x b`` blocks) -- and never on a model. The Hessian of a flatlens
-``Objective`` is one such operator (``HessianVectorProduct.as_operator()`` in :mod:`.hvp`); a dense
+``Objective`` is one such operator (``Objective.as_operator()``, ``HessianVectorProduct.as_operator()``, so
+both may be passed as they are); a dense
 symmetric ``torch.Tensor`` is another (used by the tests, where ``torch.linalg.eigh`` is the truth).
 
 Conventions shared by every function:

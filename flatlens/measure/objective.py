@@ -614,6 +614,12 @@ class Objective:
         return SymmetricOperator(self.hvp, self.space.numel, dtype=self.space.dtype, device=self.device,
                                  matmat=self.hvp_block, name="hessian")
 
+    def as_operator(self):
+        """:meth:`operator` under the name :func:`flatlens.measure.linalg.as_operator` looks for, so that the solvers
+        of :mod:`~flatlens.measure.linalg` and :mod:`~flatlens.measure.trace_estimators` (which the README names
+        for direct use) take an Objective as they take an HVP engine."""
+        return self.operator()
+
     def release(self) -> None:
         """Free the HVP engine's retained graphs."""
         if self._hvp is not None:
