@@ -109,10 +109,8 @@ def run_config(arch: str, n: int, size: int, args, counter: B.PyHessianCounter, 
             cert = max(float(e.rel_error_bound.max()) for e in rs)
             est = max(float(e.gap_rel_error_estimate.max()) for e in rs)
             note = f"certified <= {cert:.1e}" + (f"; stopped on the estimate <= {est:.1e}" if stop == "gap" else "")
-            if any(e.n_grad for e in rs):
-                note += f"; {rs[0].start} start (its gradient pass counted as one HVP)"
-            else:
-                note += f"; {rs[0].start} start"
+            note += f"; {rs[0].start} start" + (" (its gradient pass counted as one HVP)"
+                                                 if any(e.n_grad for e in rs) else "")
             rows.append((f"top-{k} flatlens stop={stop!r}", [e.n_hvp + e.n_grad for e in rs], [e.seconds for e in rs],
                          err, note))
             runs[(k, stop)] = (rs, err)

@@ -127,9 +127,10 @@ def h5_file(path: str | Path, mode: str) -> Any:
     try:
         return h5py.File(path, mode)
     except OSError as exc:
-        if _hdf5_lock_errno(exc) not in _NO_LOCKS:
+        code = _hdf5_lock_errno(exc)
+        if code not in _NO_LOCKS:
             raise
-        _warn_no_locks(Path(path).parent, f"HDF5: {os.strerror(_hdf5_lock_errno(exc) or 0)}")
+        _warn_no_locks(Path(path).parent, f"HDF5: {os.strerror(code)}")
     try:
         return h5py.File(path, mode, locking=False)
     except ValueError as exc:  # an HDF5 build older than 1.10.7 / 1.12.1 cannot switch its lock off per file
